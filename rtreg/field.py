@@ -1,0 +1,264 @@
+"""Spatial transforms and displacement fields (DESIGN.md convention).
+
+A :class:`SpatialTransform` maps a fixed-image point x (LPS mm) to the moving
+image point ``A(x + u(x))``: first the displacement field ``u`` (vectors in LPS
+mm, stored on the fixed grid), then the 4x4 affine pre-alignment ``A``. This is
+the ITK "resampling" direction (warped moving = moving(T(x))), Slicer's
+FromParent, and exactly what ``transform.h5`` holds: an ITK composite transform
+``[affine, displacement]`` (ITK applies the last added first).
+
+Everything here goes through SimpleITK, so what we compute equals what
+``sitk.ReadTransform`` + ``sitk.Resample`` compute from our files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+from .image import Grid, PathLike, Volume, resample
+
+
+def affine_to_sitk(affine: np.ndarray) -> sitk.AffineTransform:
+    """4x4 LPS point mapping -> ITK AffineTransform (centre 0)."""
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix([float(v) for v in np.asarray(affine)[:3, :3].ravel()])
+    tx.SetTranslation([float(v) for v in np.asarray(affine)[:3, 3]])
+    return tx
+
+
+def sitk_linear_to_affine(tx: sitk.Transform) -> np.ndarray:
+    """Any ITK matrix-offset transform (Euler, Versor, Similarity, Affine) -> 4x4: y = M (x - c) + c + t."""
+    m = np.array(tx.GetMatrix(), dtype=np.float64).reshape(3, 3) if hasattr(tx, "GetMatrix") else np.eye(3)
+    t = np.array(tx.GetTranslation(), dtype=np.float64) if hasattr(tx, "GetTranslation") else np.zeros(3)
+    c = np.array(tx.GetCenter(), dtype=np.float64) if hasattr(tx, "GetCenter") else np.zeros(3)
+    a = np.eye(4)
+    a[:3, :3] = m
+    a[:3, 3] = t + c - m @ c
+    return a
+
+
+def field_to_sitk_transform(field: Volume) -> sitk.DisplacementFieldTransform:
+    """A DisplacementFieldTransform over a copy of ``field`` (vector Volume, LPS mm)."""
+    _check_field(field)
+    img = field.to_sitk(np.float64)
+    return sitk.DisplacementFieldTransform(img)  # takes ownership of img, not of field
+
+
+def _check_field(field: Volume) -> None:
+    if not field.is_vector or field.array.shape[-1] != 3:
+        raise InputError(f"a displacement field needs 3 components per voxel, got shape {field.array.shape}")
+
+
+@dataclass
+class SpatialTransform:
+    """Fixed point x (LPS mm) -> moving point ``affine @ (x + displacement(x))``.
+
+    ``displacement`` is a vector Volume (z, y, x, 3) of LPS mm on the fixed grid,
+    or None for a purely affine transform.
+    """
+
+    affine: np.ndarray
+    displacement: Optional[Volume] = None
+
+    def __post_init__(self) -> None:
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.displacement is not None:
+            _check_field(self.displacement)
+
+    @classmethod
+    def identity(cls) -> "SpatialTransform":
+        return cls(np.eye(4), None)
+
+    def to_sitk(self) -> sitk.CompositeTransform:
+        tx = sitk.CompositeTransform(3)
+        tx.AddTransform(affine_to_sitk(self.affine))
+        if self.displacement is not None:
+            tx.AddTransform(field_to_sitk_transform(self.displacement))
+        return tx
+
+    def transform_points(self, points: np.ndarray) -> np.ndarray:
+        """(N, 3) fixed LPS mm -> (N, 3) moving LPS mm."""
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        if self.displacement is None:
+            return pts @ self.affine[:3, :3].T + self.affine[:3, 3]
+        tx = self.to_sitk()
+        return np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in pts])
+
+    def total_field(self, grid: Grid) -> Volume:
+        """The whole mapping as a displacement field on ``grid``: T(x) - x (LPS mm, float32)."""
+        ref = grid
+        img = sitk.TransformToDisplacementField(self.to_sitk(), sitk.sitkVectorFloat64,
+                                                [int(s) for s in ref.size_xyz], [float(o) for o in ref.origin],
+                                                [float(s) for s in ref.spacing],
+                                                [float(d) for d in ref.direction.ravel()])
+        return Volume(sitk.GetArrayFromImage(img).astype(np.float32), grid.affine.copy(), {"units": "mm"})
+
+
+def warp(volume: Volume, transform: SpatialTransform, grid: Grid, mode: str = "linear",
+         fill: float = 0.0) -> Volume:
+    """``volume`` seen through ``transform`` on ``grid``: out(x) = volume(T(x)).
+
+    ``mode``: ``linear`` for images and dose (units kept in meta), ``mask`` for a
+    binary mask (label-aware: linear then >= 0.5), ``label`` for label maps.
+    """
+    return resample(volume, grid, mode, transform.to_sitk(), fill)
+
+
+def resample_field(field: Volume, grid: Grid) -> Volume:
+    """Up- or down-sample a displacement field onto ``grid`` (linear, vectors unchanged, 0 outside)."""
+    _check_field(field)
+    return resample(field, grid, "linear", None, 0.0)
+
+
+def compose(outer: SpatialTransform, inner: SpatialTransform, grid: Grid) -> SpatialTransform:
+    """x -> outer(inner(x)) as one displacement field on ``grid``.
+
+    With fields only: w(x) = u_inner(x) + u_outer(x + u_inner(x)).
+    """
+    tx = sitk.CompositeTransform(3)
+    tx.AddTransform(outer.to_sitk())
+    tx.AddTransform(inner.to_sitk())
+    img = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, [int(s) for s in grid.size_xyz],
+                                            [float(o) for o in grid.origin], [float(s) for s in grid.spacing],
+                                            [float(d) for d in grid.direction.ravel()])
+    return SpatialTransform(np.eye(4), Volume(sitk.GetArrayFromImage(img).astype(np.float32), grid.affine.copy()))
+
+
+@dataclass
+class InverseResult:
+    """The inverse mapping (moving point -> fixed point) and how well it inverts."""
+
+    transform: SpatialTransform
+    residual_mean_mm: float
+    residual_max_mm: float
+    iterations: int
+
+
+def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolerance_mm: float = 0.01,
+           max_spacing_mm: Optional[float] = 2.0) -> InverseResult:
+    """Invert ``transform`` on ``grid`` (normally the moving grid) by fixed-point iterations.
+
+    For each point y of the (possibly coarsened) grid it finds x with
+    ``A(x + u(x)) = y`` by iterating x <- A^-1 y - u(x). The residual
+    |x + u(x) - A^-1 y| is reported in mm (mean and max over the grid). The
+    inverse is computed on ``grid`` coarsened to at most ``max_spacing_mm``
+    (None: full resolution); it is a smooth field and is interpolated linearly.
+    """
+    a_inv = np.linalg.inv(transform.affine)
+    if transform.displacement is None:
+        return InverseResult(SpatialTransform(a_inv, None), 0.0, 0.0, 0)
+    work = grid.with_spacing(max_spacing_mm) if max_spacing_mm else grid
+    y = work.world_points()
+    z = y @ a_inv[:3, :3].T + a_inv[:3, 3]
+    u_img = transform.displacement.to_sitk(np.float64)
+    ref = work.to_sitk_reference()
+    v = (z - y)  # x0 = z
+    res_mean = res_max = float("inf")
+    it = 0
+    for it in range(1, iterations + 1):
+        v_img = sitk.GetImageFromArray(v, isVector=True)
+        v_img.CopyInformation(ref)
+        u_at_x = sitk.GetArrayFromImage(sitk.Resample(u_img, ref, sitk.DisplacementFieldTransform(v_img),
+                                                      sitk.sitkLinear, 0.0))
+        x = y + v
+        r = np.linalg.norm(x + u_at_x - z, axis=-1)
+        res_mean, res_max = float(r.mean()), float(r.max())
+        v = z - u_at_x - y
+        if res_max < tolerance_mm:
+            break
+    field = Volume(v.astype(np.float32), work.affine.copy(), {"units": "mm"})
+    return InverseResult(SpatialTransform(np.eye(4), field), res_mean, res_max, it)
+
+
+def jacobian_determinant(field: Volume) -> Volume:
+    """det(d(x + u)/dx) per voxel of a displacement field (vectors and grid in LPS mm).
+
+    Central differences along the grid axes, turned into world derivatives with
+    the inverse of direction @ diag(spacing), so oblique grids are handled.
+    Values <= 0 mark folding.
+    """
+    _check_field(field)
+    u = field.array.astype(np.float32)
+    m_inv = np.linalg.inv(field.grid.affine[:3, :3]).astype(np.float32)  # d index / d world
+    # du/d(index): axes of array are (k, j, i) -> index component order (i, j, k)
+    d_index = [np.gradient(u, axis=ax) if u.shape[ax] > 1 else np.zeros_like(u) for ax in (2, 1, 0)]
+    g = np.stack(d_index, axis=-1)  # (..., 3 components, 3 index axes)
+    jac = np.einsum("...ci,iw->...cw", g, m_inv) + np.eye(3, dtype=np.float32)
+    return field.with_array(np.linalg.det(jac).astype(np.float32), units="")
+
+
+def jacobian_stats(jac: Volume, mask: Optional[np.ndarray] = None) -> dict:
+    """Summary of a Jacobian determinant map (inside ``mask`` if given)."""
+    j = jac.array[mask > 0] if mask is not None and np.any(mask) else jac.array.ravel()
+    return {"jacobian_min": float(j.min()), "jacobian_max": float(j.max()), "jacobian_mean": float(j.mean()),
+            "jacobian_std": float(j.std()), "percent_nonpositive_jacobian": float(100.0 * np.mean(j <= 0))}
+
+
+# ---------------------------------------------------------------- files
+def write_transform(transform: SpatialTransform, path: PathLike) -> Path:
+    """Write the composite ITK transform (``.h5``; affine + displacement, LPS) readable by ``sitk.ReadTransform``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteTransform(transform.to_sitk(), str(p))
+    return p
+
+
+def write_field(field: Volume, path: PathLike) -> Path:
+    """Write a displacement field alone as a vector image (``.mha`` or ``.nrrd``; LPS mm, float32)."""
+    p = Path(path)
+    if not (p.name.endswith(".mha") or p.name.endswith(".nrrd")):
+        raise InputError(f"write displacement fields as .mha or .nrrd, not {p.name} (NIfTI vector fields are ambiguous)")
+    _check_field(field)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(field.to_sitk(np.float32), str(p), useCompression=True)
+    return p
+
+
+def read_transform(path: PathLike) -> SpatialTransform:
+    """Read an ITK transform file (ours or any affine/rigid/displacement/composite) or a field image.
+
+    Composite transforms must have the form [linear..., displacement] (ITK order).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"transform file {p} does not exist")
+    if p.name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):
+        img = sitk.ReadImage(str(p))
+        if img.GetNumberOfComponentsPerPixel() != 3:
+            raise InputError(f"{p} is not a 3-component displacement field")
+        return SpatialTransform(np.eye(4), Volume.from_sitk(img, units="mm"))
+    tx = sitk.ReadTransform(str(p))
+    parts = []
+    if tx.GetName() == "CompositeTransform":
+        comp = sitk.CompositeTransform(tx)
+        parts = [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())]
+    else:
+        parts = [tx]
+    affine = np.eye(4)
+    field = None
+    for i, part in enumerate(parts):
+        name = part.GetName()
+        if name == "DisplacementFieldTransform":
+            if i != len(parts) - 1:
+                raise InputError(f"{p}: the displacement field must be applied first (added last) in the composite")
+            img = sitk.DisplacementFieldTransform(part).GetDisplacementField()
+            field = Volume.from_sitk(img, units="mm")
+            field.array = field.array.astype(np.float32)
+        elif name == "TranslationTransform":
+            affine = affine @ _translation(np.array(part.GetOffset()))
+        elif hasattr(part, "GetMatrix"):
+            affine = affine @ sitk_linear_to_affine(part)
+        else:
+            raise InputError(f"{p}: transform type {name} is not supported; use linear and displacement transforms")
+    return SpatialTransform(affine, field)
+
+
+def _translation(offset: np.ndarray) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, 3] = offset
+    return a
