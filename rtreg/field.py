@@ -145,7 +145,8 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
 
     For each point y of the (possibly coarsened) grid it finds x with
     ``A(x + u(x)) = y`` by iterating x <- A^-1 y - u(x). The residual
-    |x + u(x) - A^-1 y| is reported in mm (mean and max over the grid). The
+    |x + u(x) - A^-1 y| is reported in mm (mean and max over the points whose
+    pre-image lies on the field's grid). The
     inverse is computed on ``grid`` coarsened to at most ``max_spacing_mm``
     (None: full resolution); it is a smooth field and is interpolated linearly.
     """
@@ -158,6 +159,9 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
     u_img = transform.displacement.to_sitk(np.float64)
     ref = work.to_sitk_reference()
     v = (z - y)  # x0 = z
+    # the residual is judged where the pre-image lies on the field's grid (outside it u = 0 by definition)
+    z_idx = transform.displacement.grid.world_to_index(z.reshape(-1, 3)).reshape(z.shape)
+    inside = np.all((z_idx >= 0) & (z_idx <= np.array(transform.displacement.grid.size_xyz) - 1), axis=-1)
     res_mean = res_max = float("inf")
     it = 0
     for it in range(1, iterations + 1):
@@ -166,8 +170,8 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
         u_at_x = sitk.GetArrayFromImage(sitk.Resample(u_img, ref, sitk.DisplacementFieldTransform(v_img),
                                                       sitk.sitkLinear, 0.0))
         x = y + v
-        r = np.linalg.norm(x + u_at_x - z, axis=-1)
-        res_mean, res_max = float(r.mean()), float(r.max())
+        r = np.linalg.norm(x + u_at_x - z, axis=-1)[inside]
+        res_mean, res_max = (float(r.mean()), float(r.max())) if r.size else (0.0, 0.0)
         v = z - u_at_x - y
         if res_max < tolerance_mm:
             break
@@ -190,13 +194,6 @@ def jacobian_determinant(field: Volume) -> Volume:
     g = np.stack(d_index, axis=-1)  # (..., 3 components, 3 index axes)
     jac = np.einsum("...ci,iw->...cw", g, m_inv) + np.eye(3, dtype=np.float32)
     return field.with_array(np.linalg.det(jac).astype(np.float32), units="")
-
-
-def jacobian_stats(jac: Volume, mask: Optional[np.ndarray] = None) -> dict:
-    """Summary of a Jacobian determinant map (inside ``mask`` if given)."""
-    j = jac.array[mask > 0] if mask is not None and np.any(mask) else jac.array.ravel()
-    return {"jacobian_min": float(j.min()), "jacobian_max": float(j.max()), "jacobian_mean": float(j.mean()),
-            "jacobian_std": float(j.std()), "percent_nonpositive_jacobian": float(100.0 * np.mean(j <= 0))}
 
 
 # ---------------------------------------------------------------- files

@@ -1,0 +1,6 @@
+"""``python -m rtreg`` is ``rtreg``."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

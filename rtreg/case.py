@@ -1,0 +1,109 @@
+"""The one contract every method uses: ``register(case, options, progress) -> RegistrationResult``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from .dicomrt import PlanSummary, Structure
+from .errors import InputError
+from .field import SpatialTransform
+from .image import Volume, check_finite
+
+Progress = Callable[[float, str], None]
+"""progress(fraction in [0, 1], message)."""
+
+
+def no_progress(fraction: float, message: str) -> None:
+    """A Progress that ignores reports."""
+
+
+@dataclass
+class RegistrationCase:
+    """Inputs of one registration. Fixed = planning image, moving = repeat image.
+
+    ``structures`` and ``fixed_mask`` are on the fixed grid; ``dose`` (Gy) is on
+    its own grid in the fixed image's frame; ``query_points`` are (N, 3) LPS mm
+    in the fixed image. ``same_frame``: True/False overrides the DICOM
+    frame-of-reference check; None trusts the UIDs.
+    """
+
+    fixed: Volume
+    moving: Volume
+    fixed_mask: Optional[Volume] = None
+    structures: List[Structure] = field(default_factory=list)
+    dose: Optional[Volume] = None
+    plan: Optional[PlanSummary] = None
+    plan_text: str = ""
+    query_points: Optional[np.ndarray] = None
+    same_frame: Optional[bool] = None
+
+    def validate(self, prealign: str) -> None:
+        """Raise InputError for input that would give a wrong result (see the README's bad-input list)."""
+        for role, vol in (("fixed", self.fixed), ("moving", self.moving)):
+            if vol.is_vector:
+                raise InputError(f"the {role} image has {vol.array.shape[-1]} components per voxel; "
+                                 "give a scalar (grey-level) 3D image")
+            if min(vol.array.shape) < 4:
+                raise InputError(f"the {role} image is too small ({vol.array.shape}); it needs at least 4 voxels "
+                                 "along every axis")
+            check_finite(vol, role)
+        if self.dose is not None:
+            check_finite(self.dose, "dose")
+            if self.dose.meta.get("units", "Gy") not in ("Gy", ""):
+                raise InputError(f"the dose is in {self.dose.meta.get('units')!r}, not Gy; export absolute dose")
+        if self.fixed_mask is not None and not np.any(self.fixed_mask.array):
+            raise InputError("the fixed-image mask is empty; give a mask with the region to register, or none")
+        for s in self.structures:
+            if s.mask.shape != self.fixed.array.shape:
+                raise InputError(f"structure {s.name!r} is not on the fixed image grid; rasterise it on the "
+                                 "planning CT")
+        fa = self.fixed.meta.get("frame_of_reference", "")
+        fb = self.moving.meta.get("frame_of_reference", "")
+        different = bool(fa and fb and fa != fb) if self.same_frame is None else not self.same_frame
+        if different and prealign == "none":
+            raise InputError(
+                f"the fixed and moving images are in different frames of reference ({fa} vs {fb}), so their "
+                "coordinates are unrelated and registration without pre-alignment would be wrong; use "
+                "--prealign rigid (or com/affine), or --same-frame if you know the scanners share coordinates")
+
+    @property
+    def frames_differ(self) -> bool:
+        fa = self.fixed.meta.get("frame_of_reference", "")
+        fb = self.moving.meta.get("frame_of_reference", "")
+        return bool(fa and fb and fa != fb) if self.same_frame is None else not self.same_frame
+
+
+@dataclass
+class RegisterOptions:
+    """Options shared by all methods; method-specific ones go in ``extra``.
+
+    time_budget_s: wall-clock budget for the optimisation (None: iterations decide).
+    prealign: none | com | rigid | affine. similarity: auto | ncc | mind | mi.
+    regularization: diffusion | bending. working_spacing_mm: finest working grid.
+    """
+
+    device: str = "auto"
+    seed: int = 0
+    time_budget_s: Optional[float] = None
+    iterations: Optional[int] = None
+    prealign: str = "rigid"
+    similarity: str = "auto"
+    regularization: str = "diffusion"
+    regularization_weight: Optional[float] = None
+    working_spacing_mm: float = 2.0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class RegistrationResult:
+    """What a method returns: the fixed->moving transform (pre-alignment + field on the fixed grid) and QA."""
+
+    method: str
+    transform: SpatialTransform
+    prealignment: np.ndarray
+    device: str
+    timings: Dict[str, float] = field(default_factory=dict)
+    qa: Dict[str, object] = field(default_factory=dict)
+    messages: List[str] = field(default_factory=list)

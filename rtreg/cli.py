@@ -1,0 +1,164 @@
+"""Command line: ``rtreg info | register | demo``.
+
+Progress: a bar on a terminal, or JSON lines on stdout with ``--progress jsonl``
+(``{"type": "progress", "fraction": f, "message": m}``, then one
+``{"type": "done", ...}`` or ``{"type": "error", "message": m}``). Bad input
+exits with status 2 and a message that names the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__
+from .case import RegisterOptions
+from .errors import InputError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+class ProgressPrinter:
+    """progress(fraction, message) -> a terminal bar, JSON lines, or nothing."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.last = -1.0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if self.mode == "jsonl":
+            if fraction - self.last >= 0.01 or fraction >= 1.0:
+                print(json.dumps({"type": "progress", "fraction": round(fraction, 4), "message": message}),
+                      flush=True)
+                self.last = fraction
+        elif self.mode == "bar":
+            width = 30
+            filled = int(width * fraction)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:5.1f}% "
+                             f"{time.perf_counter() - self.t0:6.1f}s {message[:60]:<60}")
+            if fraction >= 1.0:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _info(_args) -> int:
+    import SimpleITK as sitk
+    import torch
+    import numpy
+    import pydicom
+    models = sorted(p.name for p in MODELS_DIR.glob("*") if p.is_file()) if MODELS_DIR.is_dir() else []
+    from .methods import METHODS
+    info = {"rtreg": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "SimpleITK": sitk.Version_VersionString(), "numpy": numpy.__version__, "pydicom": pydicom.__version__,
+            "cuda_available": torch.cuda.is_available(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+            "methods": sorted(METHODS), "models_dir": str(MODELS_DIR), "models": models}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _options(args) -> RegisterOptions:
+    return RegisterOptions(device=args.device, seed=args.seed, time_budget_s=args.time_budget,
+                           iterations=args.iterations, prealign=args.prealign, similarity=args.similarity,
+                           regularization=args.regularization, regularization_weight=args.regularization_weight,
+                           working_spacing_mm=args.working_spacing)
+
+
+def _register(args) -> int:
+    from .pipeline import load_case, run_registration
+    progress = ProgressPrinter(args.progress)
+    progress(0.0, "reading inputs")
+    same = True if args.same_frame else None
+    case = load_case(args.fixed, args.moving, args.fixed_mask, args.fixed_structures, args.dose, args.plan,
+                     same, args.allow_frame_mismatch)
+    metrics = run_registration(case, args.method, _options(args), Path(args.out), progress,
+                               command="rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if args.progress == "jsonl":
+        print(json.dumps({"type": "done", "out": str(Path(args.out).resolve()),
+                          "similarity_after": metrics["similarity_after"],
+                          "timings_s": metrics["timings_s"]}), flush=True)
+    else:
+        _print_summary(metrics)
+    return 0
+
+
+def _print_summary(metrics) -> None:
+    b, p, a = metrics["similarity_before"], metrics["similarity_after_prealignment"], metrics["similarity_after"]
+    print(f"{'':12s}{'before':>10s}{'prealign':>10s}{'after':>10s}")
+    for k in ("ncc", "ssim", "mse"):
+        print(f"{k:12s}{b[k]:10.4f}{p[k]:10.4f}{a[k]:10.4f}")
+    j = metrics["jacobian"]
+    print(f"Jacobian: min {j['jacobian_min']:.3f}, {j['percent_nonpositive_jacobian']:.4f}% <= 0; "
+          f"inverse residual mean {metrics['inverse_residual_mm']['mean']:.3f} mm; "
+          f"time {metrics['timings_s']['total']:.1f} s on {metrics['device']}")
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    ok = run_demo(Path(args.out), site=args.site, seed=args.seed, device=args.device,
+                  progress=ProgressPrinter(args.progress))
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rtreg", description="Registration engine of SlicerProtonDIR")
+    ap.add_argument("--version", action="version", version=f"rtreg {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, models found").set_defaults(func=_info)
+
+    r = sub.add_parser("register", help="register a moving (repeat) image to a fixed (planning) image")
+    r.add_argument("--method", default="io", help="registration method (io)")
+    r.add_argument("--fixed", required=True, help="planning image: NIfTI/NRRD/MHA file or DICOM folder")
+    r.add_argument("--moving", required=True, help="repeat image: NIfTI/NRRD/MHA file or DICOM folder")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--fixed-mask", help="mask of the region that counts, on the fixed image")
+    r.add_argument("--fixed-structures", help="RTSTRUCT file, or a folder of binary masks, on the fixed image")
+    r.add_argument("--dose", help="dose on the fixed image: RTDOSE file or image in Gy")
+    r.add_argument("--plan", help="RTPLAN / RT Ion Plan file, a text file, or plan text")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--time-budget", type=float, default=None, help="seconds for the optimisation")
+    r.add_argument("--iterations", type=int, default=None, help="iterations per resolution level")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--prealign", default="rigid", choices=["none", "com", "rigid", "affine"])
+    r.add_argument("--similarity", default="auto", choices=["auto", "ncc", "mind"])
+    r.add_argument("--regularization", default="diffusion", choices=["diffusion", "bending"])
+    r.add_argument("--regularization-weight", type=float, default=None)
+    r.add_argument("--working-spacing", type=float, default=2.0, help="finest working grid spacing (mm)")
+    r.add_argument("--same-frame", action="store_true",
+                   help="the images share scanner coordinates although their frame-of-reference UIDs differ")
+    r.add_argument("--allow-frame-mismatch", action="store_true",
+                   help="accept structures/dose whose frame of reference differs from the fixed image's")
+    r.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none",
+                   choices=["bar", "jsonl", "none"])
+    r.set_defaults(func=_register)
+
+    d = sub.add_parser("demo", help="build an RT phantom case, register it and print a before/after table")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--site", default="pelvis", choices=["pelvis", "thorax", "headneck"])
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    d.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none", choices=["bar", "jsonl", "none"])
+    d.set_defaults(func=_demo)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as exc:
+        if getattr(args, "progress", "") == "jsonl":
+            print(json.dumps({"type": "error", "message": str(exc)}), flush=True)
+        print(f"rtreg: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Differentiable similarity and regularisation terms (torch).
+
+Images are (1, C, z, y, x) tensors with intensities scaled to about [0, 1];
+masks are (1, 1, z, y, x) in {0, 1} (or soft weights). Similarities are
+returned as "higher is better" values; a loss is their negative. Fields are
+(1, 3, z, y, x) LPS mm; ``spacing`` is the grid's (x, y, z) voxel size in mm,
+so regularisers are per mm and do not depend on the working resolution.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .spatial import box_filter
+
+
+def _weighted_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    m = mask.expand_as(x)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def ncc_global(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalised cross-correlation over the whole image (or ``mask``), in [-1, 1]."""
+    w = torch.ones_like(a) if mask is None else mask.expand_as(a)
+    n = w.sum().clamp_min(1.0)
+    ma, mb = (a * w).sum() / n, (b * w).sum() / n
+    da, db = (a - ma) * w, (b - mb) * w
+    return (da * db).sum() / torch.sqrt((da * da).sum() * (db * db).sum() + 1e-10)
+
+
+def ncc_local(a: torch.Tensor, b: torch.Tensor, window: int = 7, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean local squared NCC in cubic windows of ``window`` voxels (voxelmorph's LNCC), in [0, 1]."""
+    def box(x):
+        return box_filter(x, window)
+
+    ma, mb = box(a), box(b)
+    var_a = (box(a * a) - ma * ma).clamp_min(0)
+    var_b = (box(b * b) - mb * mb).clamp_min(0)
+    cov = box(a * b) - ma * mb
+    cc = cov * cov / (var_a * var_b + 1e-5)
+    return _weighted_mean(cc, mask)
+
+
+def mutual_information(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None, bins: int = 32,
+                       max_samples: int = 200_000, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Parzen-window mutual information (nats) of intensities in [0, 1].
+
+    Gaussian kernels of width one bin; at most ``max_samples`` voxels (random,
+    reproducible with ``generator``) are used.
+    """
+    x, y = a.reshape(-1), b.reshape(-1)
+    if mask is not None:
+        keep = mask.expand_as(a).reshape(-1) > 0.5
+        x, y = x[keep], y[keep]
+    if x.numel() > max_samples:
+        idx = torch.randperm(x.numel(), generator=generator, device="cpu")[:max_samples].to(x.device)
+        x, y = x[idx], y[idx]
+    centres = torch.linspace(0, 1, bins, device=a.device)
+    sigma = 1.0 / (bins - 1)
+    wx = torch.exp(-0.5 * ((x.clamp(0, 1)[:, None] - centres) / sigma) ** 2)
+    wy = torch.exp(-0.5 * ((y.clamp(0, 1)[:, None] - centres) / sigma) ** 2)
+    wx = wx / wx.sum(1, keepdim=True).clamp_min(1e-10)
+    wy = wy / wy.sum(1, keepdim=True).clamp_min(1e-10)
+    joint = wx.T @ wy / max(x.numel(), 1)
+    px, py = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    return (joint * (torch.log(joint + 1e-10) - torch.log(px @ py + 1e-10))).sum()
+
+
+def _shift(x: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+    """x(p + offset) with edge replication; offset in voxels (dz, dy, dx)."""
+    p = max(abs(o) for o in offset)
+    xp = F.pad(x, (p,) * 6, mode="replicate")
+    z, y, w = x.shape[2:]
+    dz, dy, dx = offset
+    return xp[:, :, p + dz:p + dz + z, p + dy:p + dy + y, p + dx:p + dx + w]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptor (Heinrich et al. 2013): (1, 1, z, y, x) -> (1, 12, z, y, x).
+
+    Patch distances between the 12 pairs of six-neighbourhood voxels at distance
+    sqrt(2) * ``dilation``, box-filtered over (2 * radius + 1)^3 patches,
+    turned into exp(-D / V) with V their mean, and scaled so the largest
+    channel is 1. Invariant to monotone-affine intensity changes up to noise.
+    """
+    six = [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]
+    pairs = [(p, q) for a, p in enumerate(six) for b, q in enumerate(six)
+             if a < b and sum((pi - qi) ** 2 for pi, qi in zip(p, q)) == 2]
+    k = 2 * radius + 1
+    dist = []
+    for p, q in pairs:
+        d = (_shift(image, [dilation * v for v in p]) - _shift(image, [dilation * v for v in q])) ** 2
+        dist.append(box_filter(d, k))
+    dist = torch.cat(dist, dim=1)
+    var = dist.mean(1, keepdim=True)
+    var = var.clamp(min=var.mean() * 1e-3 + 1e-8, max=var.mean() * 1e3 + 1e-8)
+    mind = torch.exp(-dist / var)
+    return mind / mind.amax(1, keepdim=True).clamp_min(1e-8)
+
+
+def _gradients(u: torch.Tensor, spacing: Sequence[float]):
+    """Forward differences of a field per mm along x, y, z (cropped to a common shape)."""
+    sx, sy, sz = [float(s) for s in spacing]
+    gx = (u[:, :, :, :, 1:] - u[:, :, :, :, :-1]) / sx
+    gy = (u[:, :, :, 1:, :] - u[:, :, :, :-1, :]) / sy
+    gz = (u[:, :, 1:, :, :] - u[:, :, :-1, :, :]) / sz
+    return gx, gy, gz
+
+
+def diffusion(u: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """Mean squared first derivative of the field (unitless, mm/mm)."""
+    gx, gy, gz = _gradients(u, spacing)
+    return (gx.pow(2).mean() + gy.pow(2).mean() + gz.pow(2).mean())
+
+
+def bending_energy(u: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """Mean squared second derivatives (thin-plate bending energy, 1/mm)."""
+    gx, gy, gz = _gradients(u, spacing)
+    gxx, gxy, gxz = _gradients(gx, spacing)
+    _, gyy, gyz = _gradients(gy, spacing)
+    _, _, gzz = _gradients(gz, spacing)
+    return (gxx.pow(2).mean() + gyy.pow(2).mean() + gzz.pow(2).mean()
+            + 2 * (gxy.pow(2).mean() + gxz.pow(2).mean() + gyz.pow(2).mean()))
+
+
+def divergence_penalty(u: torch.Tensor, spacing: Sequence[float], direction=None) -> torch.Tensor:
+    """Mean squared divergence of the field (near-incompressibility), for fields on axis-aligned grids.
+
+    ``direction`` (3x3, columns = grid axes in LPS) rotates the vectors into grid axes first.
+    """
+    if direction is not None:
+        r = torch.as_tensor(direction, dtype=u.dtype, device=u.device)
+        u = torch.einsum("ca,bczyx->bazyx", r, u)
+    gx, _, _ = _gradients(u[:, 0:1], spacing)
+    _, gy, _ = _gradients(u[:, 1:2], spacing)
+    _, _, gz = _gradients(u[:, 2:3], spacing)
+    div = gx[:, :, 1:, 1:, :] + gy[:, :, 1:, :, 1:] + gz[:, :, :, 1:, 1:]
+    return div.pow(2).mean()

@@ -1,0 +1,224 @@
+"""From files to files: load a case, run a method, write the outputs the CLI promises.
+
+Outputs (in ``out``): ``transform.h5`` (fixed->moving ITK composite, LPS),
+``displacement.mha`` (total field on the fixed grid), ``warped_moving.nii.gz``,
+``structures_on_moving/<ROI>.nii.gz`` and ``dose_on_moving.nii.gz`` (fixed-image
+structures and dose carried onto the moving grid through the inverse mapping),
+``jacobian.nii.gz``, ``metrics.json`` and ``qa/*.png``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from .dicomrt import PlanSummary, Structure, read_rtdose, read_rtplan, read_rtstruct, _dcmread
+from .errors import InputError
+from .field import SpatialTransform, invert, jacobian_determinant, warp, write_field, write_transform
+from .image import Volume, read_volume, resample, write_volume
+from .methods import get_method
+from .metrics import jacobian_stats, mse, ncc, ssim
+from .priors import body_mask
+from . import qa
+
+_PALETTE = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+            (255, 128, 0), (128, 0, 255)]
+_IMAGE_RE = re.compile(r"\.(nii|nii\.gz|nrrd|mha|mhd)$", re.I)
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and prove we can write there, before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"the output folder {out} is not writable ({exc.strerror}); choose another --out") from None
+
+
+def load_structures(path: Path, fixed: Volume, allow_frame_mismatch: bool = False) -> List[Structure]:
+    """An RTSTRUCT file, a folder holding one, or a folder / file of binary masks -> structures on the fixed grid."""
+    if not path.exists():
+        raise InputError(f"structures {path} do not exist")
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    dicoms = [f for f in files if f.suffix.lower() == ".dcm" or (path.is_file() and not _IMAGE_RE.search(f.name))]
+    rts = [f for f in dicoms if str(_dcmread(f, stop_before_pixels=True).get("Modality", "")) == "RTSTRUCT"]
+    if rts:
+        structs = read_rtstruct(rts[0], fixed, check_frame=not allow_frame_mismatch)
+        return [s for s in structs if not s.empty]
+    masks = [f for f in files if _IMAGE_RE.search(f.name)]
+    if not masks:
+        raise InputError(f"no RTSTRUCT or mask images in {path}")
+    out = []
+    for i, f in enumerate(masks):
+        vol = read_volume(f)
+        if vol.grid.same_as(fixed.grid):
+            m = (vol.array > 0).astype(np.uint8)
+        else:
+            m = resample(vol, fixed.grid, "mask").array
+        name = vol.meta.get("name", f.stem)
+        if not m.any():
+            raise InputError(f"the structure {name!r} ({f.name}) is empty on the fixed grid; remove it or fix it")
+        out.append(Structure(name, i + 1, _PALETTE[i % len(_PALETTE)], m))
+    return out
+
+
+def load_dose(path: Path) -> Volume:
+    if not path.exists():
+        raise InputError(f"dose {path} does not exist")
+    if path.suffix.lower() == ".dcm":
+        return read_rtdose(path)
+    dose = read_volume(path)
+    dose.meta.update(units="Gy", modality="RTDOSE")
+    dose.array = dose.array.astype(np.float32)
+    return dose
+
+
+def load_plan(plan: str):
+    """An RTPLAN file, a text file, or the text itself -> (PlanSummary or None, text)."""
+    p = Path(plan)
+    if len(plan) < 4096 and p.exists() and p.is_file():
+        if p.suffix.lower() == ".dcm":
+            summary = read_rtplan(p)
+            return summary, summary.text()
+        return None, p.read_text().strip()
+    return None, plan.strip()
+
+
+def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structures: Optional[str] = None,
+              dose: Optional[str] = None, plan: Optional[str] = None, same_frame: Optional[bool] = None,
+              allow_frame_mismatch: bool = False) -> RegistrationCase:
+    """Read every input named on the command line into a RegistrationCase (inputs are only read)."""
+    f, m = read_volume(fixed), read_volume(moving)
+    case = RegistrationCase(f, m, same_frame=same_frame)
+    if fixed_mask:
+        mk = read_volume(fixed_mask)
+        arr = mk.array > 0 if mk.grid.same_as(f.grid) else resample(mk, f.grid, "mask").array > 0
+        case.fixed_mask = f.with_array(arr.astype(np.uint8), name="fixed mask")
+    if structures:
+        case.structures = load_structures(Path(structures), f, allow_frame_mismatch)
+    if dose:
+        case.dose = load_dose(Path(dose))
+        ffor, dfor = f.meta.get("frame_of_reference", ""), case.dose.meta.get("frame_of_reference", "")
+        if ffor and dfor and ffor != dfor and not allow_frame_mismatch:
+            raise InputError(f"the dose is in frame of reference {dfor}, the fixed image in {ffor}: the dose "
+                             "belongs to another image; give the planning CT's dose (or --allow-frame-mismatch)")
+    if plan:
+        case.plan, case.plan_text = load_plan(plan)
+    return case
+
+
+def _eval_grid(fixed: Volume):
+    return fixed.grid.with_spacing(2.0)
+
+
+def similarity_report(fixed: Volume, moving_on_fixed: Volume, mask: np.ndarray) -> Dict[str, float]:
+    """NCC, SSIM and MSE inside ``mask`` on the fixed grid coarsened to 2 mm (for speed)."""
+    g = _eval_grid(fixed)
+    f = resample(fixed, g).array
+    m = resample(moving_on_fixed, g).array
+    mk = resample(fixed.with_array(mask.astype(np.uint8)), g, "mask").array
+    return {"ncc": ncc(f, m, mk), "ssim": ssim(f, m, mk), "mse": mse(f, m, mk)}
+
+
+def run_registration(case: RegistrationCase, method: str, options: RegisterOptions, out: Path,
+                     progress: Progress = no_progress, command: str = "") -> Dict:
+    """Register, write all outputs into ``out`` and return the metrics dictionary (also metrics.json)."""
+    out = Path(out)
+    check_writable(out)
+    register = get_method(method)
+    t0 = time.perf_counter()
+    result: RegistrationResult = register(case, options, lambda f, m: progress(0.05 + 0.7 * f, m))
+    t_reg = time.perf_counter()
+    progress(0.76, "writing the transform")
+    fixed, moving = case.fixed, case.moving
+    write_transform(result.transform, out / "transform.h5")
+    total = result.transform.total_field(fixed.grid)
+    write_field(total, out / "displacement.mha")
+    fill = float(moving.array.min())
+    warped = warp(moving, result.transform, fixed.grid, fill=fill)
+    write_volume(warped, out / "warped_moving.nii.gz", np.int16 if moving.meta.get("units") == "HU" else None)
+    progress(0.82, "inverting the transform for structures and dose")
+    inverse = invert(result.transform, moving.grid)
+    on_moving: Dict[str, np.ndarray] = {}
+    for s in case.structures:
+        m = warp(fixed.with_array(s.mask), inverse.transform, moving.grid, "mask").array
+        on_moving[s.name] = m
+        write_volume(moving.with_array(m), out / "structures_on_moving" / f"{_safe(s.name)}.nii.gz", np.uint8)
+    if case.dose is not None:
+        dose_m = warp(case.dose, inverse.transform, moving.grid, "linear", fill=0.0)
+        dose_m.meta.update(units="Gy", modality="RTDOSE")
+        write_volume(dose_m, out / "dose_on_moving.nii.gz", np.float32)
+    progress(0.88, "QA")
+    jac = jacobian_determinant(total)
+    write_volume(jac, out / "jacobian.nii.gz", np.float32)
+    body = case.fixed_mask.array if case.fixed_mask is not None else body_mask(fixed)
+    body = body if body.any() else np.ones(fixed.array.shape, np.uint8)
+    before = resample(moving, fixed.grid, fill=fill)
+    pre = warp(moving, SpatialTransform(result.prealignment), fixed.grid, fill=fill)
+    metrics = {
+        "method": method, "device": result.device, "command": command,
+        "fixed": fixed.meta.get("path", ""), "moving": moving.meta.get("path", ""),
+        "options": {k: v for k, v in vars(options).items()},
+        "timings_s": dict(result.timings, registration_total=t_reg - t0),
+        "similarity_before": similarity_report(fixed, before, body),
+        "similarity_after_prealignment": similarity_report(fixed, pre, body),
+        "similarity_after": similarity_report(fixed, warped, body),
+        "jacobian": jacobian_stats(jac, body),
+        "inverse_residual_mm": {"mean": inverse.residual_mean_mm, "max": inverse.residual_max_mm,
+                                "iterations": inverse.iterations},
+        "prealignment_matrix_lps": result.prealignment.tolist(),
+        "method_qa": result.qa, "messages": result.messages,
+        "structures_on_moving": sorted(on_moving), "dose_mapped": case.dose is not None,
+        "plan_text": case.plan_text,
+    }
+    _qa_figures(case, before, warped, jac, total, on_moving, out / "qa", body)
+    metrics["timings_s"]["total"] = time.perf_counter() - t0
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
+    progress(1.0, f"done: outputs in {out}")
+    return metrics
+
+
+def _qa_figures(case, before, warped, jac, total, on_moving, qa_dir: Path, body) -> None:
+    fixed = case.fixed
+    ctv_name = next((s.name for s in case.structures if "ctv" in s.name.lower() and s.mask.any()), None)
+    focus = next(s.mask for s in case.structures if s.name == ctv_name) if ctv_name else body
+    centre = np.argwhere(focus).mean(0)
+    qa.overlay_figure(fixed, before, qa_dir / "overlay_before.png", "before", centre)
+    qa.overlay_figure(fixed, warped, qa_dir / "overlay_after.png", "after", centre)
+    qa.checkerboard_figure(fixed, warped, qa_dir / "checkerboard_after.png", centre)
+    qa.map_figure(jac, qa_dir / "jacobian.png", "Jacobian determinant", centre, "RdBu_r", 0.0, 2.0, "|J|")
+    mag = total.with_array(np.linalg.norm(total.array, axis=-1))
+    qa.map_figure(mag, qa_dir / "displacement_magnitude.png", "displacement", centre, "magma", 0.0,
+                  max(float(np.percentile(mag.array, 99.5)), 1e-3), "mm")
+    if on_moving:
+        moving = case.moving
+        target = on_moving.get(ctv_name) if ctv_name else None
+        m_centre = np.argwhere(target).mean(0) if target is not None and target.any() else \
+            (np.array(moving.array.shape) - 1) / 2
+        qa.contours_figure(moving, on_moving, {s.name: s.color for s in case.structures},
+                           qa_dir / "structures_on_moving.png", "propagated structures", m_centre)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "ROI"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    return obj

@@ -1,0 +1,150 @@
+"""Pre-alignment: centre of mass, then multi-resolution rigid / affine optimisation in torch.
+
+Returns a 4x4 matrix A mapping a fixed point to a moving point (LPS mm):
+the affine part of the engine's transform (``field.SpatialTransform``).
+Similarity: global NCC within a modality, Parzen mutual information across.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .case import Progress, no_progress
+from .image import Volume, normalize_intensity, resample, smooth_for_downsampling
+from .losses import mutual_information, ncc_global
+from .spatial import sample_at_index, to_tensor, world_to_index_torch
+
+KINDS = ("none", "com", "rigid", "affine")
+
+
+def center_of_mass(volume: Volume, mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """Intensity-weighted centre (LPS mm) of ``mask`` (or of the whole image above its minimum)."""
+    w = (mask > 0).astype(np.float64) if mask is not None else (volume.array - volume.array.min()).astype(np.float64)
+    if w.sum() <= 0:
+        return volume.grid.center()
+    k, j, i = [np.sum(w * g) / w.sum() for g in np.meshgrid(*[np.arange(n) for n in w.shape], indexing="ij")] \
+        if w.size < 2e6 else _com_by_axes(w)
+    return volume.grid.index_to_world(np.array([[i, j, k]]))[0]
+
+
+def _com_by_axes(w: np.ndarray):
+    total = w.sum()
+    return [float(np.sum(w.sum(axis=tuple(a for a in range(3) if a != ax)) * np.arange(w.shape[ax])) / total)
+            for ax in range(3)]
+
+
+def translation(offset: np.ndarray) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, 3] = offset
+    return a
+
+
+def _rotation(rotvec: torch.Tensor) -> torch.Tensor:
+    """Rodrigues' formula, differentiable at 0."""
+    theta2 = (rotvec * rotvec).sum() + 1e-12
+    theta = torch.sqrt(theta2)
+    zero = torch.zeros((), dtype=rotvec.dtype, device=rotvec.device)
+    x, y, z = rotvec
+    k = torch.stack([torch.stack([zero, -z, y]), torch.stack([z, zero, -x]), torch.stack([-y, x, zero])])
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
+    return eye + torch.sin(theta) / theta * k + (1 - torch.cos(theta)) / theta2 * (k @ k)
+
+
+def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str = "rigid",
+                    fixed_mask: Optional[np.ndarray] = None, moving_mask: Optional[np.ndarray] = None,
+                    similarity: str = "ncc", levels_mm: Sequence[float] = (8.0, 4.0),
+                    iterations: Sequence[int] = (60, 40), device: torch.device = torch.device("cpu"),
+                    seed: int = 0, max_points: int = 60_000, progress: Progress = no_progress) -> np.ndarray:
+    """Refine ``init`` (4x4 fixed->moving) with a rigid or affine model, coarse to fine.
+
+    Parameters act about the fixed mask's centre: A(x) = M (x - c) + c + t, with
+    M = R (rigid) or R (I + L) (affine). Fixed samples are up to ``max_points``
+    voxels of the fixed mask per level; samples that fall outside the moving
+    image do not count.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    f_norm = fixed.with_array(normalize_intensity(fixed, fixed_mask))
+    m_norm = moving.with_array(normalize_intensity(moving, moving_mask))
+    c = center_of_mass(fixed, fixed_mask)
+    a0 = torch.as_tensor(init, dtype=torch.float32, device=device)
+    rotvec = torch.zeros(3, device=device, requires_grad=True)
+    shift = torch.zeros(3, device=device, requires_grad=True)
+    lin = torch.zeros(3, 3, device=device, requires_grad=True)
+    c_t = torch.as_tensor(c, dtype=torch.float32, device=device)
+
+    def matrix():
+        m = _rotation(rotvec)
+        if kind == "affine":
+            m = m @ (torch.eye(3, device=device) + lin)
+        # A = A0 o (x -> M (x - c) + c + t)
+        m_total = a0[:3, :3] @ m
+        t_total = a0[:3, :3] @ (c_t - m @ c_t + shift) + a0[:3, 3]
+        return m_total, t_total
+
+    steps_total = sum(iterations)
+    done = 0
+    for level, (sp, n_it) in enumerate(zip(levels_mm, iterations)):
+        fg = fixed.grid.with_spacing(sp)
+        f_lvl = resample(smooth_for_downsampling(f_norm, sp), fg)
+        if fixed_mask is not None:
+            mk = resample(fixed.with_array(fixed_mask), fg, "mask").array > 0
+        else:
+            mk = np.ones(fg.shape, bool)
+        pts_idx = np.argwhere(mk)
+        if len(pts_idx) > max_points:
+            pick = torch.randperm(len(pts_idx), generator=gen)[:max_points].numpy()
+            pts_idx = pts_idx[np.sort(pick)]
+        vals = torch.as_tensor(f_lvl.array[tuple(pts_idx.T)], dtype=torch.float32, device=device)
+        pts = torch.as_tensor(fg.index_to_world(pts_idx[:, ::-1].astype(np.float64)), dtype=torch.float32,
+                              device=device)
+        mg = moving.grid.with_spacing(sp)
+        m_t = to_tensor(resample(smooth_for_downsampling(m_norm, sp), mg).array, device)
+        size = torch.tensor(mg.size_xyz, dtype=torch.float32, device=device)
+        params = [{"params": [rotvec], "lr": 0.01}, {"params": [shift], "lr": sp / 4}]
+        if kind == "affine":
+            params.append({"params": [lin], "lr": 0.005})
+        opt = torch.optim.Adam(params)
+        for _ in range(n_it):
+            opt.zero_grad()
+            m_total, t_total = matrix()
+            idx = world_to_index_torch(pts @ m_total.T + t_total, mg)
+            inside = ((idx > -0.5) & (idx < size - 0.5)).all(-1).float()
+            sampled = sample_at_index(m_t, idx[None])[0, 0]
+            if similarity == "mi":
+                sim = mutual_information(vals[None, None], sampled[None, None], inside[None, None], generator=gen)
+            else:
+                sim = ncc_global(vals, sampled, inside)
+            (-sim).backward()
+            opt.step()
+            done += 1
+            progress(done / steps_total, f"{kind} level {level + 1}/{len(levels_mm)} ({sp:g} mm): "
+                                         f"{similarity} {sim.item():.4f}")
+    with torch.no_grad():
+        m_total, t_total = matrix()
+    out = np.eye(4)
+    out[:3, :3] = m_total.cpu().double().numpy()
+    out[:3, 3] = t_total.cpu().double().numpy()
+    return out
+
+
+def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.ndarray] = None,
+             moving_mask: Optional[np.ndarray] = None, similarity: str = "ncc",
+             device: torch.device = torch.device("cpu"), seed: int = 0, progress: Progress = no_progress
+             ) -> np.ndarray:
+    """The 4x4 fixed->moving pre-alignment of ``kind`` (none, com, rigid, affine)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown pre-alignment {kind!r}; use one of {KINDS}")
+    if kind == "none":
+        return np.eye(4)
+    init = translation(center_of_mass(moving, moving_mask) - center_of_mass(fixed, fixed_mask))
+    if kind == "com":
+        return init
+    a = optimise_linear(fixed, moving, init, "rigid", fixed_mask, moving_mask, similarity, device=device,
+                        seed=seed, progress=(lambda f, m: progress(f * (0.5 if kind == "affine" else 1.0), m)))
+    if kind == "affine":
+        a = optimise_linear(fixed, moving, a, "affine", fixed_mask, moving_mask, similarity, levels_mm=(4.0,),
+                            iterations=(50,), device=device, seed=seed,
+                            progress=lambda f, m: progress(0.5 + 0.5 * f, m))
+    return a

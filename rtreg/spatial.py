@@ -1,0 +1,92 @@
+"""Differentiable sampling on working grids (torch), used inside the methods.
+
+Tensors are (batch, channel, z, y, x). A displacement tensor ``u`` has shape
+(1, 3, z, y, x) with components (x, y, z) in LPS mm, like ``field.py``'s fields.
+``torch.nn.functional.grid_sample`` is used with ``align_corners=True``, so a
+normalised coordinate of -1 / +1 is the centre of the first / last voxel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .image import Grid
+
+
+def to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(z, y, x) array -> (1, 1, z, y, x) float32 tensor; (z, y, x, c) -> (1, c, z, y, x)."""
+    t = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32, device=device)
+    return t[None, None] if t.ndim == 3 else t.permute(3, 0, 1, 2)[None]
+
+
+def field_to_array(u: torch.Tensor) -> np.ndarray:
+    """(1, 3, z, y, x) tensor -> (z, y, x, 3) float32 array (LPS mm)."""
+    return u[0].permute(1, 2, 3, 0).detach().cpu().numpy().astype(np.float32)
+
+
+def _index_to_normalised(shape_zyx, device) -> torch.Tensor:
+    """Per-component scale turning an index (i, j, k) into grid_sample units (x, y, z)."""
+    n = torch.tensor([shape_zyx[2], shape_zyx[1], shape_zyx[0]], dtype=torch.float32, device=device)
+    return 2.0 / torch.clamp(n - 1, min=1.0)
+
+
+def identity_index(shape_zyx, device: torch.device) -> torch.Tensor:
+    """(1, z, y, x, 3) voxel indices (i, j, k) of a grid."""
+    k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float32, device=device) for n in shape_zyx],
+                             indexing="ij")
+    return torch.stack([i, j, k], dim=-1)[None]
+
+
+def sample_at_index(volume: torch.Tensor, index: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Sample (1, C, z, y, x) at continuous indices (1, ..., 3) (i, j, k) -> (1, C, ...), trilinear."""
+    shape = volume.shape[2:]
+    norm = index * _index_to_normalised(shape, volume.device) - 1.0
+    lead = norm.shape[1:-1]
+    g = norm.reshape(1, -1, 1, 1, 3) if len(lead) != 3 else norm
+    out = F.grid_sample(volume, g, mode="bilinear", padding_mode=padding, align_corners=True)
+    return out.reshape(volume.shape[0], volume.shape[1], *lead)
+
+
+def world_to_index_torch(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(..., 3) LPS mm -> (..., 3) continuous indices of ``grid``."""
+    inv = np.linalg.inv(grid.affine)
+    m = torch.as_tensor(inv[:3, :3], dtype=torch.float32, device=points.device)
+    t = torch.as_tensor(inv[:3, 3], dtype=torch.float32, device=points.device)
+    return points @ m.T + t
+
+
+def mm_to_index_matrix(grid: Grid, device: torch.device) -> torch.Tensor:
+    """3x3 matrix turning an LPS mm vector into an index-space vector on ``grid``."""
+    return torch.as_tensor(np.linalg.inv(grid.affine[:3, :3]), dtype=torch.float32, device=device)
+
+
+def warp(moving: torch.Tensor, u_mm: torch.Tensor, grid: Grid, padding: str = "border") -> torch.Tensor:
+    """moving(x + u(x)) for a moving image already on ``grid`` (1, C, z, y, x); u (1, 3, z, y, x) LPS mm."""
+    shape = moving.shape[2:]
+    m = mm_to_index_matrix(grid, moving.device)
+    du = torch.einsum("rc,bczyx->bzyxr", m, u_mm)
+    return sample_at_index(moving, identity_index(shape, moving.device) + du, padding)
+
+
+def resize_field(u: torch.Tensor, shape_zyx) -> torch.Tensor:
+    """Trilinear resize of a (1, 3, z, y, x) mm field to another grid over the same extent (values kept: mm)."""
+    if tuple(u.shape[2:]) == tuple(shape_zyx):
+        return u
+    return F.interpolate(u, size=tuple(shape_zyx), mode="trilinear", align_corners=True)
+
+
+def box_filter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable moving average over ``size``^3 voxels, edge-replicated, same shape."""
+    pad = size // 2
+    x = F.pad(x, (pad, pad, pad, pad, pad, pad), mode="replicate")
+    x = F.avg_pool3d(x, (size, 1, 1), stride=1)
+    x = F.avg_pool3d(x, (1, size, 1), stride=1)
+    return F.avg_pool3d(x, (1, 1, size), stride=1)
+
+
+def smooth(x: torch.Tensor, passes: int = 2, kernel: int = 3) -> torch.Tensor:
+    """Repeated box filtering (approximately Gaussian), edge-replicated; keeps the shape."""
+    for _ in range(passes):
+        x = box_filter(x, kernel)
+    return x
