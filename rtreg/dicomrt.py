@@ -24,9 +24,12 @@ def _dcmread(path: PathLike, **kw) -> pydicom.Dataset:
         return pydicom.dcmread(str(path), **kw)
     except InvalidDicomError:
         try:
-            return pydicom.dcmread(str(path), force=True, **kw)
+            ds = pydicom.dcmread(str(path), force=True, **kw)
         except Exception as exc:  # noqa: BLE001 - any parser failure means a corrupt file
             raise InputError(f"{path} is not a readable DICOM file ({exc}); re-export it from the TPS/PACS") from None
+        if "SOPClassUID" not in ds and "Modality" not in ds:
+            raise InputError(f"{path} is not a readable DICOM file (no DICOM header); re-export it from the TPS/PACS")
+        return ds
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path} is not a readable DICOM file ({exc}); re-export it from the TPS/PACS") from None
 

@@ -146,7 +146,7 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
     For each point y of the (possibly coarsened) grid it finds x with
     ``A(x + u(x)) = y`` by iterating x <- A^-1 y - u(x). The residual
     |x + u(x) - A^-1 y| is reported in mm (mean and max over the points whose
-    pre-image lies on the field's grid). The
+    pre-image lies at least one voxel inside the field's grid). The
     inverse is computed on ``grid`` coarsened to at most ``max_spacing_mm``
     (None: full resolution); it is a smooth field and is interpolated linearly.
     """
@@ -159,9 +159,8 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
     u_img = transform.displacement.to_sitk(np.float64)
     ref = work.to_sitk_reference()
     v = (z - y)  # x0 = z
-    # the residual is judged where the pre-image lies on the field's grid (outside it u = 0 by definition)
-    z_idx = transform.displacement.grid.world_to_index(z.reshape(-1, 3)).reshape(z.shape)
-    inside = np.all((z_idx >= 0) & (z_idx <= np.array(transform.displacement.grid.size_xyz) - 1), axis=-1)
+    u_grid = transform.displacement.grid
+    upper = np.array(u_grid.size_xyz) - 2
     res_mean = res_max = float("inf")
     it = 0
     for it in range(1, iterations + 1):
@@ -170,6 +169,9 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
         u_at_x = sitk.GetArrayFromImage(sitk.Resample(u_img, ref, sitk.DisplacementFieldTransform(v_img),
                                                       sitk.sitkLinear, 0.0))
         x = y + v
+        # judged where the pre-image lies inside the field's grid (u jumps to 0 at its border, as in ITK)
+        x_idx = u_grid.world_to_index(x.reshape(-1, 3)).reshape(x.shape)
+        inside = np.all((x_idx >= 1) & (x_idx <= upper), axis=-1)
         r = np.linalg.norm(x + u_at_x - z, axis=-1)[inside]
         res_mean, res_max = (float(r.mean()), float(r.max())) if r.size else (0.0, 0.0)
         v = z - u_at_x - y

@@ -92,10 +92,11 @@ class Grid:
         return self.index_to_world(((np.array(self.size_xyz, dtype=np.float64) - 1) / 2)[None])[0]
 
     def with_spacing(self, spacing_mm: float) -> "Grid":
-        """Same direction and world extent, voxels of (at least) ``spacing_mm`` along every axis.
+        """Same direction and world extent, voxels of about ``spacing_mm`` along every axis.
 
-        Axes already coarser than ``spacing_mm`` keep their spacing. The first and
-        last voxel centres keep covering the original extent.
+        The spacing is adjusted (by less than half a voxel over the extent) so
+        that the first and last voxel centres stay where they were; axes already
+        coarser than ``spacing_mm`` keep their spacing.
         """
         old = self.spacing
         new = np.maximum(old, float(spacing_mm))
