@@ -91,5 +91,14 @@ def test_bad_images_get_clear_errors(tmp_path):
     a[1, 2, 3] = np.nan
     with pytest.raises(InputError, match="NaN"):
         check_finite(Volume(a, np.eye(4)), "moving")
+    for suffix in (".nii.gz", ".nii", ".mha"):  # ITK reads NaN in NIfTI as 0: we look at the file itself
+        path = write_volume(Volume(a, np.eye(4)), tmp_path / f"nan{suffix}")
+        vol = read_volume(path) if suffix == ".mha" else None
+        if vol is not None:
+            with pytest.raises(InputError, match="NaN"):
+                check_finite(vol, "moving")
+        else:
+            with pytest.raises(InputError, match="NaN"):
+                read_volume(path)
     with pytest.raises(InputError, match="zero size"):
         Grid((0, 4, 4), np.eye(4))

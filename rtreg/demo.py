@@ -27,7 +27,7 @@ def _structure_rows(before: Dict, after: Dict, ctv: str) -> List[Row]:
     oars = [n for n in after if n not in (ctv, "BODY")]
     rows = [("CTV Dice", before[ctv]["dice"], after[ctv]["dice"], False),
             ("CTV HD95 (mm)", before[ctv]["hd95_mm"], after[ctv]["hd95_mm"], True),
-            ("CTV |relative volume difference|", abs(before[ctv]["relative_volume_difference"]),
+            ("CTV abs(relative volume difference)", abs(before[ctv]["relative_volume_difference"]),
              abs(after[ctv]["relative_volume_difference"]), True),
             ("OAR mean Dice", float(np.mean([before[n]["dice"] for n in oars])),
              float(np.mean([after[n]["dice"] for n in oars])), False),
@@ -37,10 +37,11 @@ def _structure_rows(before: Dict, after: Dict, ctv: str) -> List[Row]:
 
 
 def format_table(rows: List[Row]) -> str:
-    lines = [f"| {'metric':34s} | {'before':>9s} | {'after':>9s} | improved |", f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|----------|"]
+    lines = [f"| {'metric':36s} | {'before':>9s} | {'after':>9s} | improved |",
+             f"|{'-' * 38}|{'-' * 11}|{'-' * 11}|----------|"]
     for name, b, a, lower in rows:
         ok = a < b if lower else a > b
-        lines.append(f"| {name:34s} | {b:9.3f} | {a:9.3f} | {'yes' if ok else 'NO':8s} |")
+        lines.append(f"| {name:36s} | {b:9.3f} | {a:9.3f} | {'yes' if ok else 'NO':8s} |")
     return "\n".join(lines)
 
 

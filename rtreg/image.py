@@ -214,10 +214,36 @@ def read_volume(path: PathLike) -> Volume:
     if img.GetDimension() != 3:
         raise InputError(f"{p} is a {img.GetDimension()}D image (size {img.GetSize()}); "
                          "registration needs a 3D volume: extract one frame first")
+    if p.name.lower().endswith((".nii", ".nii.gz")) and _nifti_has_nonfinite(p):
+        raise InputError(f"{p} has NaN or infinite voxels (ITK would read them as 0); replace them (e.g. with "
+                         "the background value) before registering")
     if img.GetNumberOfComponentsPerPixel() == 1:
         units = "HU" if img.GetPixelID() in (sitk.sitkInt16, sitk.sitkInt32) else ""
         return Volume.from_sitk(img, name=_stem(p), units=units, path=str(p))
     return Volume.from_sitk(img, name=_stem(p), path=str(p))
+
+
+def _nifti_has_nonfinite(p: Path) -> bool:
+    """True if a float NIfTI-1 file holds NaN/inf (ITK's NIfTI reader silently turns NaN into 0)."""
+    import gzip
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    with opener(p, "rb") as fh:
+        header = fh.read(348)
+        if len(header) < 348:
+            return False
+        for endian in ("<", ">"):
+            if np.frombuffer(header[:4], f"{endian}i4")[0] == 348:
+                break
+        else:
+            return False  # NIfTI-2 or unknown: nothing more we can check
+        datatype = int(np.frombuffer(header[70:72], f"{endian}i2")[0])
+        dtypes = {16: "f4", 64: "f8"}
+        if datatype not in dtypes:
+            return False
+        offset = int(np.frombuffer(header[108:112], f"{endian}f4")[0])
+        fh.read(max(offset - 348, 0))
+        data = np.frombuffer(fh.read(), f"{endian}{dtypes[datatype]}")
+    return not bool(np.isfinite(data).all())
 
 
 def _stem(p: Path) -> str:

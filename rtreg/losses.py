@@ -41,7 +41,7 @@ def ncc_local(a: torch.Tensor, b: torch.Tensor, window: int = 7, mask: Optional[
     var_a = (box(a * a) - ma * ma).clamp_min(0)
     var_b = (box(b * b) - mb * mb).clamp_min(0)
     cov = box(a * b) - ma * mb
-    cc = cov * cov / (var_a * var_b + 1e-5)
+    cc = cov * cov / (var_a * var_b + 1e-9)
     return _weighted_mean(cc, mask)
 
 

@@ -139,11 +139,6 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
             f_feat, m_feat = mind_ssc(lv.fixed), mind_ssc(lv.moving)
         else:
             f_feat, m_feat = lv.fixed, lv.moving
-        with torch.no_grad():
-            before = _similarity(similarity, f_feat, m_feat if u is None else
-                                 warp(m_feat, smooth(resize_field(init, shape)), lv.grid), lv.mask).item()
-        if li == 0:
-            qa["similarity_before"] = before
         for _ in range(lv.iterations):
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 qa["stopped_by"] = "time budget"
@@ -163,5 +158,7 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
             qa[f"similarity_after_level{li + 1}"] = _similarity(similarity, f_feat, warp(m_feat, u, lv.grid),
                                                                lv.mask).item()
     qa["similarity_after"] = qa[f"similarity_after_level{len(levels)}"]
+    with torch.no_grad():  # on the finest level, after pre-alignment only
+        qa["similarity_before"] = _similarity(similarity, f_feat, m_feat, levels[-1].mask).item()
     qa["optimisation_s"] = time.perf_counter() - start
     return u.detach(), qa

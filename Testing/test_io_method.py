@@ -1,0 +1,87 @@
+"""The baseline deformable method through the shared contract register(case, options, progress)."""
+import numpy as np
+import pytest
+
+from rtreg.case import RegisterOptions, RegistrationCase
+from rtreg.errors import InputError
+from rtreg.evaluation import point_errors
+from rtreg.field import SpatialTransform
+from rtreg.methods import get_method
+from rtreg.synth import rt_phantom
+
+
+@pytest.fixture(scope="module")
+def thorax():
+    return rt_phantom("thorax", seed=5, spacing_mm=4.0)
+
+
+def _case(s):
+    return RegistrationCase(s.planning, s.repeat, structures=s.planning_structures, dose=s.dose,
+                            plan=s.plan, plan_text=s.plan.text())
+
+
+def test_io_recovers_known_deformation_and_reports_progress(thorax):
+    seen = []
+    res = get_method("io")(_case(thorax), RegisterOptions(device="cpu", working_spacing_mm=4.0),
+                           lambda f, m: seen.append((f, m)))
+    before = point_errors(SpatialTransform.identity(), thorax.points_planning, thorax.points_repeat)
+    after = point_errors(res.transform, thorax.points_planning, thorax.points_repeat)
+    assert after["mean"] < 0.35 * before["mean"], (before, after)
+    assert res.transform.displacement.array.shape == thorax.planning.array.shape + (3,)
+    assert np.allclose(res.transform.displacement.affine, thorax.planning.affine)
+    assert res.qa["similarity_after"] > res.qa["similarity_before"]
+    assert res.device == "cpu" and res.timings["total_s"] > 0
+    fr = [f for f, _ in seen]
+    assert fr == sorted(fr) and fr[-1] == 1.0 and any("rigid" in m for _, m in seen)
+
+
+def test_io_is_deterministic_for_a_seed(thorax):
+    opts = RegisterOptions(device="cpu", working_spacing_mm=8.0, iterations=15, seed=3)
+    a = get_method("io")(_case(thorax), opts)
+    b = get_method("io")(_case(thorax), opts)
+    np.testing.assert_array_equal(a.transform.displacement.array, b.transform.displacement.array)
+    np.testing.assert_array_equal(a.prealignment, b.prealignment)
+
+
+def test_io_stops_at_time_budget(thorax):
+    res = get_method("io")(_case(thorax), RegisterOptions(device="cpu", working_spacing_mm=4.0, time_budget_s=0.5,
+                                                          iterations=500))
+    assert res.qa["stopped_by"] == "time budget"
+    assert res.qa["iterations"] < 1000
+
+
+def test_io_multimodal_mind_with_bending(thorax):
+    mr_like = thorax.repeat.with_array(np.clip(-thorax.repeat.array, -1200, 1200), modality="MR", units="")
+    case = RegistrationCase(thorax.planning, mr_like)
+    res = get_method("io")(case, RegisterOptions(device="cpu", working_spacing_mm=4.0, regularization="bending"))
+    assert res.qa["similarity"] == "mind"
+    before = point_errors(SpatialTransform.identity(), thorax.points_planning, thorax.points_repeat)
+    after = point_errors(res.transform, thorax.points_planning, thorax.points_repeat)
+    assert after["mean"] < 0.6 * before["mean"], (before, after)
+
+
+def test_io_refuses_bad_input(thorax):
+    register = get_method("io")
+    nan = thorax.repeat.with_array(thorax.repeat.array.copy())
+    nan.array[3, 4, 5] = np.inf
+    with pytest.raises(InputError, match="NaN or infinite"):
+        register(RegistrationCase(thorax.planning, nan), RegisterOptions(device="cpu"))
+    with pytest.raises(InputError, match="different frames of reference"):
+        register(RegistrationCase(thorax.planning, thorax.repeat), RegisterOptions(device="cpu", prealign="none"))
+    empty = thorax.planning.with_array(np.zeros(thorax.planning.array.shape, np.uint8))
+    with pytest.raises(InputError, match="mask is empty"):
+        register(RegistrationCase(thorax.planning, thorax.repeat, fixed_mask=empty), RegisterOptions(device="cpu"))
+    tiny = thorax.planning.with_array(thorax.planning.array[:2])
+    with pytest.raises(InputError, match="too small"):
+        register(RegistrationCase(tiny, thorax.repeat), RegisterOptions(device="cpu"))
+
+
+def test_memory_check_names_a_resolution_that_fits(thorax):
+    from rtreg.memory import check_memory
+    import torch
+    big = 10 * 2**30
+    with pytest.raises(InputError, match=r"--working-spacing \d"):
+        check_memory(thorax.planning.grid, 1.0, torch.device("cpu"), free_device=60_000_000, free_host=big)
+    with pytest.raises(InputError, match="coarser grid"):
+        check_memory(thorax.planning.grid, 4.0, torch.device("cpu"), free_device=big, free_host=10_000_000)
+    check_memory(thorax.planning.grid, 4.0, torch.device("cpu"), free_device=big, free_host=big)

@@ -1,0 +1,95 @@
+"""Similarity and regularisation terms (torch) and evaluation metrics (numpy) on cases with known answers."""
+import numpy as np
+import pytest
+import torch
+
+from rtreg.image import Grid, Volume
+from rtreg.losses import (bending_energy, diffusion, divergence_penalty, mind_ssc, mutual_information, ncc_global,
+                          ncc_local)
+from rtreg.metrics import (dice, hd95, jacobian_stats, mean_surface_distance, mse, ncc, relative_volume_difference,
+                           ssim, tre)
+
+
+def _blobs(seed=0, shape=(24, 24, 24)):
+    from scipy import ndimage
+    a = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 2.0)
+    a = (a - a.min()) / (a.max() - a.min())
+    return torch.as_tensor(a, dtype=torch.float32)[None, None]
+
+
+def test_ncc_identical_and_inverted():
+    a = _blobs()
+    assert ncc_global(a, a).item() == pytest.approx(1.0, abs=1e-5)
+    assert ncc_global(a, 1 - a).item() == pytest.approx(-1.0, abs=1e-5)
+    assert ncc_local(a, a).item() == pytest.approx(1.0, abs=1e-3)
+    assert ncc_local(a, 2 * a + 0.3).item() == pytest.approx(1.0, abs=1e-3)
+    assert ncc_local(a, _blobs(1)).item() < 0.5
+
+
+def test_mutual_information_prefers_alignment_and_is_contrast_invariant():
+    a = _blobs()
+    shifted = torch.roll(a, 3, dims=2)
+    assert mutual_information(a, a).item() > mutual_information(a, shifted).item() + 0.2
+    # an inverted contrast (a different modality) is as informative as the original
+    assert mutual_information(a, 1 - a).item() == pytest.approx(mutual_information(a, a).item(), rel=0.05)
+
+
+def test_mind_ssc_invariant_to_monotone_affine_intensity_change():
+    a = _blobs()
+    m1 = mind_ssc(a)
+    m2 = mind_ssc(0.5 * a + 0.2)
+    assert m1.shape == (1, 12, 24, 24, 24)
+    assert torch.allclose(m1, m2, atol=1e-4)
+    assert (m1 - mind_ssc(torch.roll(a, 2, 3))).abs().mean() > 0.05
+
+
+def test_regularisers_zero_for_trivial_fields():
+    sp = (1.0, 2.0, 1.5)
+    const = torch.ones(1, 3, 8, 9, 10) * 4.0
+    assert diffusion(const, sp).item() == 0.0
+    assert bending_energy(const, sp).item() == 0.0
+    z, y, x = torch.meshgrid(torch.arange(8.0) * 1.5, torch.arange(9.0) * 2.0, torch.arange(10.0), indexing="ij")
+    linear = torch.stack([0.1 * x, 0.2 * y, -0.05 * z])[None]
+    assert bending_energy(linear, sp).item() == pytest.approx(0.0, abs=1e-9)
+    assert diffusion(linear, sp).item() > 0
+    assert divergence_penalty(linear, sp).item() == pytest.approx((0.1 + 0.2 - 0.05) ** 2, rel=1e-4)
+    rot = torch.stack([-y, x, torch.zeros_like(x)])[None]  # rotation-like: divergence free
+    assert divergence_penalty(rot, sp).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_overlap_and_surface_metrics_on_known_cubes():
+    a = np.zeros((30, 30, 30), bool)
+    b = np.zeros_like(a)
+    a[5:15, 5:15, 5:15] = True
+    b[5:15, 5:15, 8:18] = True  # shifted by 3 voxels along x
+    assert dice(a, a) == 1.0
+    assert dice(a, b) == pytest.approx(2 * 700 / 2000)
+    spacing = (2.0, 1.0, 1.0)  # x spacing 2 mm: the 3-voxel shift is 6 mm
+    assert hd95(a, b, spacing) == pytest.approx(6.0)
+    assert 0 < mean_surface_distance(a, b, spacing) < 6.0
+    assert relative_volume_difference(b, a) == pytest.approx(0.0)
+    assert relative_volume_difference(a | b, a) == pytest.approx(0.3)
+    assert relative_volume_difference(np.zeros_like(a), a) == -1.0
+
+
+def test_point_and_image_metrics():
+    p = np.zeros((4, 3))
+    q = np.array([[3, 4, 0], [0, 0, 0], [0, 0, 1], [0, 0, 2]], float)
+    r = tre(p, q)
+    assert r["mean"] == pytest.approx(2.0) and r["max"] == 5.0 and r["n"] == 4
+    img = np.random.default_rng(0).normal(size=(12, 12, 12))
+    mask = np.ones(img.shape, bool)
+    assert ncc(img, 3 * img + 1, mask) == pytest.approx(1.0)
+    assert mse(img, img + 2) == pytest.approx(4.0)
+    assert ssim(img, img) == pytest.approx(1.0)
+    assert ssim(img, np.random.default_rng(1).normal(size=img.shape)) < 0.2
+    with pytest.raises(ValueError, match="empty"):
+        ncc(img, img, np.zeros_like(mask))
+
+
+def test_jacobian_stats_counts_folding():
+    j = np.ones((4, 4, 4), np.float32)
+    j[0, 0, :2] = -0.5
+    s = jacobian_stats(Volume(j, Grid.from_geometry(j.shape, (1, 1, 1)).affine))
+    assert s["percent_nonpositive_jacobian"] == pytest.approx(100 * 2 / 64)
+    assert s["jacobian_min"] == -0.5
