@@ -130,3 +130,25 @@ def test_io_on_dcpt_phantom_reduces_tre_by_70_percent(tmp_path):
     after = np.linalg.norm(est - case.points_repeat, axis=1).mean()
     assert len(est) == 300
     assert after <= 0.3 * before, (before, after)
+
+
+def test_inputs_are_never_modified(case_dir, tmp_path):
+    import hashlib
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(case_dir)
+    assert main(["register", "--fixed", str(case_dir / "planning_ct.nii.gz"), "--moving",
+                 str(case_dir / "repeat_ct.nii.gz"), "--out", str(tmp_path / "o"), "--fixed-structures",
+                 str(case_dir / "structures"), "--dose", str(case_dir / "dose.nii.gz"), "--working-spacing", "8",
+                 "--iterations", "5", "--progress", "none"]) == 0
+    assert digest(case_dir) == before
+
+
+def test_demo_improves_every_metric(tmp_path, capsys):
+    from rtreg.demo import run_demo
+    assert run_demo(tmp_path / "demo", site="thorax", seed=1, device="cpu", spacing_mm=5.0)
+    table = capsys.readouterr().out
+    assert "TRE mean" in table and "NO" not in table
+    assert (tmp_path / "demo" / "result" / "qa" / "structures_on_moving.png").is_file()

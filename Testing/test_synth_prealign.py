@@ -1,7 +1,6 @@
 """Synthetic RT cases (deterministic, consistent truth) and pre-alignment recovering known poses."""
 import numpy as np
 import pytest
-import torch
 
 from conftest import data_path
 from rtreg.field import SpatialTransform, warp

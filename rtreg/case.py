@@ -61,8 +61,7 @@ class RegistrationCase:
                                  "planning CT")
         fa = self.fixed.meta.get("frame_of_reference", "")
         fb = self.moving.meta.get("frame_of_reference", "")
-        different = bool(fa and fb and fa != fb) if self.same_frame is None else not self.same_frame
-        if different and prealign == "none":
+        if self.frames_differ and prealign == "none":
             raise InputError(
                 f"the fixed and moving images are in different frames of reference ({fa} vs {fb}), so their "
                 "coordinates are unrelated and registration without pre-alignment would be wrong; use "
@@ -70,6 +69,7 @@ class RegistrationCase:
 
     @property
     def frames_differ(self) -> bool:
+        """True when the images' coordinates are unrelated (DICOM frame-of-reference UIDs, or the override)."""
         fa = self.fixed.meta.get("frame_of_reference", "")
         fb = self.moving.meta.get("frame_of_reference", "")
         return bool(fa and fb and fa != fb) if self.same_frame is None else not self.same_frame

@@ -15,9 +15,9 @@ import numpy as np
 
 from .case import RegisterOptions
 from .evaluation import point_errors, structure_errors
-from .field import SpatialTransform
-from .image import resample
-from .pipeline import load_case, run_registration
+from .field import SpatialTransform, read_transform
+from .image import read_volume, resample
+from .pipeline import load_case, run_registration, structure_filename
 from .synth import rt_phantom, write_case
 
 Row = Tuple[str, float, float, bool]  # name, before, after, lower is better
@@ -46,22 +46,21 @@ def format_table(rows: List[Row]) -> str:
 
 
 def run_demo(out: Path, site: str = "pelvis", seed: int = 0, device: str = "auto",
-             progress: Callable[[float, str], None] = lambda f, m: None) -> bool:
-    """Build, register and evaluate one phantom case; print the table; True if every metric improved."""
+             progress: Callable[[float, str], None] = lambda f, m: None, spacing_mm: float = 3.0) -> bool:
+    """Build, register and evaluate one phantom case (voxels of ``spacing_mm``); print the table;
+    True if every metric improved."""
     out = Path(out)
     progress(0.0, f"building the {site} phantom")
-    synthetic = rt_phantom(site, seed=seed)
+    synthetic = rt_phantom(site, seed=seed, spacing_mm=spacing_mm)
     case_dir = write_case(synthetic, out / "case")
     case = load_case(str(case_dir / "planning_ct.nii.gz"), str(case_dir / "repeat_ct.nii.gz"),
                      structures=str(case_dir / "structures"), dose=str(case_dir / "dose.nii.gz"),
                      plan=str(case_dir / "plan.txt"))
-    options = RegisterOptions(device=device, seed=seed)
+    options = RegisterOptions(device=device, seed=seed, working_spacing_mm=max(2.0, spacing_mm))
     metrics = run_registration(case, "io", options, out / "result", lambda f, m: progress(0.05 + 0.9 * f, m),
                                command=f"rtreg demo --site {site} --seed {seed} --out {out}")
-    from .field import read_transform
     estimated = read_transform(out / "result" / "transform.h5")
-    from .image import read_volume
-    on_moving = {s.name: read_volume(out / "result" / "structures_on_moving" / f"{s.name}.nii.gz").array
+    on_moving = {s.name: read_volume(out / "result" / "structures_on_moving" / structure_filename(s.name)).array
                  for s in case.structures}
     as_scanned = {s.name: resample(case.fixed.with_array(s.mask), case.moving.grid, "mask").array
                   for s in case.structures}

@@ -19,7 +19,8 @@ from .image import Grid, PathLike, Volume, grid_of_sitk
 RT_ION_PLAN_SOP = "1.2.840.10008.5.1.4.1.1.481.8"
 
 
-def _dcmread(path: PathLike, **kw) -> pydicom.Dataset:
+def read_dataset(path: PathLike, **kw) -> pydicom.Dataset:
+    """pydicom.dcmread that turns unreadable or header-less files into an InputError."""
     try:
         return pydicom.dcmread(str(path), **kw)
     except InvalidDicomError:
@@ -52,7 +53,7 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> Vol
     files_by_id = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in ids}
     sid = max(files_by_id, key=lambda s: len(files_by_id[s]))
     files = list(files_by_id[sid])
-    headers = [_dcmread(f, stop_before_pixels=True) for f in files]
+    headers = [read_dataset(f, stop_before_pixels=True) for f in files]
     h0 = headers[0]
     modality = str(h0.get("Modality", ""))
     if modality in ("RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD"):
@@ -120,7 +121,7 @@ def read_rtstruct(path: PathLike, reference: Volume, names: Optional[Sequence[st
     a requested ROI that is missing or empty is an error. Point ROIs (markers,
     isocentres) are skipped.
     """
-    ds = _dcmread(path)
+    ds = read_dataset(path)
     if str(ds.get("Modality", "")) != "RTSTRUCT" or "StructureSetROISequence" not in ds:
         raise InputError(f"{path} is not an RTSTRUCT (modality {ds.get('Modality', '?')})")
     ref_for = [str(r.FrameOfReferenceUID) for r in ds.get("ReferencedFrameOfReferenceSequence", [])
@@ -204,7 +205,7 @@ def _rasterise(contours, grid: Grid):
 # ---------------------------------------------------------------- RTDOSE
 def read_rtdose(path: PathLike, allow_relative: bool = False) -> Volume:
     """RTDOSE -> dose Volume in Gy (DoseGridScaling applied, GridFrameOffsetVector honoured)."""
-    ds = _dcmread(path)
+    ds = read_dataset(path)
     if str(ds.get("Modality", "")) != "RTDOSE":
         raise InputError(f"{path} is not an RTDOSE (modality {ds.get('Modality', '?')})")
     units = str(ds.get("DoseUnits", "GY")).upper()
@@ -299,7 +300,7 @@ class PlanSummary:
 
 def read_rtplan(path: PathLike) -> PlanSummary:
     """RTPLAN (photon/electron) or RT Ion Plan (proton/ion) -> PlanSummary."""
-    ds = _dcmread(path)
+    ds = read_dataset(path)
     if str(ds.get("Modality", "")) != "RTPLAN":
         raise InputError(f"{path} is not an RTPLAN (modality {ds.get('Modality', '?')})")
     is_ion = str(ds.get("SOPClassUID", "")) == RT_ION_PLAN_SOP or "IonBeamSequence" in ds

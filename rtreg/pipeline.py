@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
-from .dicomrt import PlanSummary, Structure, read_rtdose, read_rtplan, read_rtstruct, _dcmread
+from .dicomrt import Structure, read_rtdose, read_rtplan, read_rtstruct, read_dataset
 from .errors import InputError
 from .field import SpatialTransform, invert, jacobian_determinant, warp, write_field, write_transform
 from .image import Volume, read_volume, resample, write_volume
@@ -48,7 +48,7 @@ def load_structures(path: Path, fixed: Volume, allow_frame_mismatch: bool = Fals
         raise InputError(f"structures {path} do not exist")
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     dicoms = [f for f in files if f.suffix.lower() == ".dcm" or (path.is_file() and not _IMAGE_RE.search(f.name))]
-    rts = [f for f in dicoms if str(_dcmread(f, stop_before_pixels=True).get("Modality", "")) == "RTSTRUCT"]
+    rts = [f for f in dicoms if str(read_dataset(f, stop_before_pixels=True).get("Modality", "")) == "RTSTRUCT"]
     if rts:
         structs = read_rtstruct(rts[0], fixed, check_frame=not allow_frame_mismatch)
         return [s for s in structs if not s.empty]
@@ -150,7 +150,7 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     for s in case.structures:
         m = warp(fixed.with_array(s.mask), inverse.transform, moving.grid, "mask").array
         on_moving[s.name] = m
-        write_volume(moving.with_array(m), out / "structures_on_moving" / f"{_safe(s.name)}.nii.gz", np.uint8)
+        write_volume(moving.with_array(m), out / "structures_on_moving" / structure_filename(s.name), np.uint8)
     if case.dose is not None:
         dose_m = warp(case.dose, inverse.transform, moving.grid, "linear", fill=0.0)
         dose_m.meta.update(units="Gy", modality="RTDOSE")
@@ -206,8 +206,9 @@ def _qa_figures(case, before, warped, jac, total, on_moving, qa_dir: Path, body)
                            qa_dir / "structures_on_moving.png", "propagated structures", m_centre)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "ROI"
+def structure_filename(name: str) -> str:
+    """File name of a propagated structure: the ROI name with unsafe characters replaced, + .nii.gz."""
+    return (re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "ROI") + ".nii.gz"
 
 
 def _jsonable(obj):
