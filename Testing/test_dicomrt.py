@@ -197,3 +197,18 @@ def test_series_folder_errors(tmp_path):
         shutil.copy(f, gap / f.name)
     with pytest.raises(InputError, match="unevenly spaced"):
         read_dicom_series(gap)
+
+
+def test_write_dicom_series_round_trip(tmp_path):
+    from conftest import oblique_grid, smooth_image
+    from rtreg.dicomrt import write_dicom_series
+    vol = smooth_image(oblique_grid())
+    vol.array = np.round(vol.array).astype(np.int16)
+    vol.meta.update(modality="CT", units="HU")
+    write_dicom_series(vol, tmp_path / "ct", frame_of_reference="1.2.826.0.1.5")
+    back = read_volume(tmp_path / "ct")
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert back.meta["modality"] == "CT" and back.meta["frame_of_reference"] == "1.2.826.0.1.5"
+    with pytest.raises(InputError, match="16-bit"):
+        write_dicom_series(vol.with_array(vol.array * 1000.0), tmp_path / "big")

@@ -85,3 +85,17 @@ def test_real_ct_deformations_are_smooth_and_known():
         body = body_mask(ct) > 0
         assert np.median(np.abs(back.array - ct.array)[body]) < 40, kind
     assert dice(body_mask(ct), body_mask(c.repeat)) < 0.99  # the setup error moved the patient
+
+
+def test_moments_initialisation_recovers_a_large_rotation(pelvis):
+    from rtreg.prealign import moments_initialisation
+    fixed = pelvis.planning
+    true_a = rigid_matrix((0.0, 0.0, 25.0), (10.0, -5.0, 4.0), fixed.grid.center())
+    moving = warp(fixed, SpatialTransform(np.linalg.inv(true_a)), fixed.grid, fill=-1000)
+    est = moments_initialisation(fixed, moving, body_mask(fixed), body_mask(moving))
+    pts = pelvis.points_planning
+    err = np.linalg.norm((pts @ est[:3, :3].T + est[:3, 3]) - (pts @ true_a[:3, :3].T + true_a[:3, 3]), axis=1)
+    assert err.mean() < 8.0  # from ~50 mm: close enough for the rigid optimisation to take over
+    com = prealign(fixed, moving, "com", body_mask(fixed), body_mask(moving))
+    err_com = np.linalg.norm((pts @ com[:3, :3].T + com[:3, 3]) - (pts @ true_a[:3, :3].T + true_a[:3, 3]), axis=1)
+    assert err.mean() < 0.5 * err_com.mean()

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--time-budget", type=float, default=None, help="seconds for the optimisation")
     r.add_argument("--iterations", type=int, default=None, help="iterations per resolution level")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prealign", default="rigid", choices=["none", "com", "rigid", "affine"])
+    r.add_argument("--prealign", default="rigid", choices=["none", "com", "moments", "rigid", "affine"])
     r.add_argument("--similarity", default="auto", choices=["auto", "ncc", "mind"])
     r.add_argument("--regularization", default="diffusion", choices=["diffusion", "bending"])
     r.add_argument("--regularization-weight", type=float, default=None)

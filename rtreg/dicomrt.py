@@ -81,6 +81,48 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> Vol
         "path": str(folder)})
 
 
+def write_dicom_series(volume: Volume, folder: PathLike, series_description: str = "rtreg",
+                       patient_id: str = "", study_uid: str = "", frame_of_reference: str = "") -> Path:
+    """Write a scalar Volume as a DICOM series: one file a slice, values rounded to int16 (CT HU, MR grey
+    levels), LPS geometry kept exactly (oblique too).
+
+    ``frame_of_reference`` defaults to the volume's own (``meta``); give the fixed image's UID for an image
+    resampled onto the fixed grid. New Study/Series/SOP Instance UIDs are generated unless a study is given.
+    """
+    from pydicom.uid import generate_uid
+    if volume.is_vector:
+        raise InputError("a DICOM image series holds scalar images; write fields as .mha")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    modality = volume.meta.get("modality", "") or ("CT" if volume.meta.get("units") == "HU" else "OT")
+    if float(volume.array.min()) < -32768 or float(volume.array.max()) > 32767:
+        raise InputError("the image values do not fit 16-bit DICOM pixels; rescale them or write NIfTI/MHA")
+    data = np.round(volume.array).astype(np.int16)  # CT HU and MR grey levels are integers in DICOM
+    grid = volume.grid
+    d = grid.direction
+    series_uid, study_uid = generate_uid(), study_uid or generate_uid()
+    for_uid = frame_of_reference or volume.meta.get("frame_of_reference", "") or generate_uid()
+    iop = "\\".join(f"{v:.10g}" for v in np.concatenate([d[:, 0], d[:, 1]]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(data.shape[0]):
+        sl = sitk.GetImageFromArray(data[k])
+        sl.SetSpacing([float(grid.spacing[0]), float(grid.spacing[1])])
+        ipp = grid.index_to_world(np.array([[0.0, 0.0, float(k)]]))[0]
+        tags = {"0008|0060": modality, "0008|0016": "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else
+                "1.2.840.10008.5.1.4.1.1.7", "0008|0018": generate_uid(), "0020|000d": study_uid,
+                "0020|000e": series_uid, "0020|0052": for_uid, "0010|0020": patient_id or "ANON",
+                "0008|103e": series_description[:64], "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in ipp), "0020|0037": iop,
+                "0028|0030": f"{grid.spacing[1]:.6f}\\{grid.spacing[0]:.6f}",
+                "0018|0050": f"{grid.spacing[2]:.6f}"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(out / f"{modality}.{k + 1:04d}.dcm"))
+        writer.Execute(sl)
+    return out
+
+
 def _check_slice_spacing(headers: Sequence[pydicom.Dataset], folder: Path) -> None:
     if len(headers) < 3 or "ImagePositionPatient" not in headers[0]:
         return

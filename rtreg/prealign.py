@@ -16,7 +16,7 @@ from .image import Volume, normalize_intensity, resample, smooth_for_downsamplin
 from .losses import mutual_information, ncc_global
 from .spatial import sample_at_index, to_tensor, world_to_index_torch
 
-KINDS = ("none", "com", "rigid", "affine")
+KINDS = ("none", "com", "moments", "rigid", "affine")
 
 
 def center_of_mass(volume: Volume, mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -33,6 +33,65 @@ def _com_by_axes(w: np.ndarray):
     total = w.sum()
     return [float(np.sum(w.sum(axis=tuple(a for a in range(3) if a != ax)) * np.arange(w.shape[ax])) / total)
             for ax in range(3)]
+
+
+def _principal_axes(volume: Volume, mask: np.ndarray):
+    """Centroid (LPS mm), principal axes (columns) and their variances (mm^2) of ``mask``, at most 200k voxels."""
+    idx = np.argwhere(mask > 0)
+    if len(idx) > 200_000:
+        idx = idx[np.linspace(0, len(idx) - 1, 200_000).astype(int)]
+    pts = volume.grid.index_to_world(idx[:, ::-1].astype(np.float64))
+    c = pts.mean(0)
+    w, v = np.linalg.eigh(np.cov((pts - c).T))
+    return c, v[:, ::-1], w[::-1]
+
+
+def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest rotation taking unit vector ``a`` to unit vector ``b``."""
+    v, c = np.cross(a, b), float(np.dot(a, b))
+    if np.linalg.norm(v) < 1e-12:
+        if c > 0:
+            return np.eye(3)
+        perp = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+        perp /= np.linalg.norm(perp)
+        return 2 * np.outer(perp, perp) - np.eye(3)
+    k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + k + k @ k / (1 + c)
+
+
+def moments_initialisation(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, moving_mask: np.ndarray
+                           ) -> np.ndarray:
+    """Centre of mass plus the rotation that matches the masks' principal axes (fixed -> moving).
+
+    Only axes whose variances differ by more than 10 % are trusted: all three give the full rotation
+    (the proper sign choice whose mapped fixed mask overlaps the moving mask most is kept); only the
+    first (an elongated body, as an axial CT of the trunk) gives the smallest rotation that aligns it;
+    none (a round body) gives the centre-of-mass translation alone.
+    """
+    cf, vf, wf = _principal_axes(fixed, fixed_mask)
+    cm, vm, wm = _principal_axes(moving, moving_mask)
+    gaps = np.minimum((wf[:2] - wf[1:]) / wf[:2], (wm[:2] - wm[1:]) / wm[:2])
+    if gaps[0] < 0.1:
+        return translation(cm - cf)
+    if gaps[1] >= 0.1:
+        candidates = []
+        for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1)):
+            r = vm @ np.diag(signs) @ vf.T
+            candidates.append(r if np.linalg.det(r) > 0 else vm @ np.diag(signs) @ np.diag([1, 1, -1]) @ vf.T)
+    else:
+        candidates = [_rotation_between(vf[:, 0], s * vm[:, 0]) for s in (1, -1)]
+    sample = fixed.grid.index_to_world(np.argwhere(fixed_mask > 0)[::97, ::-1].astype(np.float64))
+    scored = []
+    for r in candidates:
+        a = np.eye(4)
+        a[:3, :3] = r
+        a[:3, 3] = cm - r @ cf
+        idx = np.round(moving.grid.world_to_index(sample @ r.T + a[:3, 3])).astype(int)
+        ok = np.all((idx >= 0) & (idx < np.array(moving.grid.size_xyz)), axis=1)
+        scored.append((float(moving_mask[idx[ok, 2], idx[ok, 1], idx[ok, 0]].sum()) / len(sample), a))
+    best = max(s for s, _ in scored)
+    # a symmetric body overlaps as well when flipped: among near-ties keep the smallest rotation
+    return max((a for s, a in scored if s >= 0.98 * best), key=lambda a: np.trace(a[:3, :3]))
 
 
 def translation(offset: np.ndarray) -> np.ndarray:
@@ -133,7 +192,10 @@ def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.n
              moving_mask: Optional[np.ndarray] = None, similarity: str = "ncc",
              device: torch.device = torch.device("cpu"), seed: int = 0, progress: Progress = no_progress
              ) -> np.ndarray:
-    """The 4x4 fixed->moving pre-alignment of ``kind`` (none, com, rigid, affine)."""
+    """The 4x4 fixed->moving pre-alignment of ``kind`` (none, com, moments, rigid, affine).
+
+    rigid and affine start from the centre-of-mass translation.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown pre-alignment {kind!r}; use one of {KINDS}")
     if kind == "none":
@@ -141,6 +203,10 @@ def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.n
     init = translation(center_of_mass(moving, moving_mask) - center_of_mass(fixed, fixed_mask))
     if kind == "com":
         return init
+    if kind == "moments":
+        if fixed_mask is None or moving_mask is None:
+            raise ValueError("moments initialisation needs the fixed and moving body masks")
+        return moments_initialisation(fixed, moving, fixed_mask, moving_mask)
     a = optimise_linear(fixed, moving, init, "rigid", fixed_mask, moving_mask, similarity, device=device,
                         seed=seed, progress=(lambda f, m: progress(f * (0.5 if kind == "affine" else 1.0), m)))
     if kind == "affine":
