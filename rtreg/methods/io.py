@@ -29,7 +29,7 @@ from ..priors import body_mask
 from ..spatial import field_to_array, resize_field, smooth, to_tensor, warp
 
 NAME = "io"
-DEFAULT_WEIGHTS = {("ncc", "diffusion"): 1.0, ("ncc", "bending"): 20.0,
+DEFAULT_WEIGHTS = {("ncc", "diffusion"): 5.0, ("ncc", "bending"): 20.0,
                    ("mind", "diffusion"): 0.5, ("mind", "bending"): 10.0}
 
 
