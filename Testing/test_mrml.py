@@ -12,7 +12,7 @@ from rtreg import mrml  # noqa: E402
 from rtreg.dicomrt import Structure, read_rtstruct  # noqa: E402
 from rtreg.errors import InputError  # noqa: E402
 from rtreg.field import SpatialTransform  # noqa: E402
-from rtreg.image import Volume, read_volume, resample  # noqa: E402
+from rtreg.image import read_volume, resample  # noqa: E402
 from rtreg.metrics import dice  # noqa: E402
 from rtreg.runner import RunFailed  # noqa: E402
 from rtreg.synth import deform_real_ct, rt_phantom  # noqa: E402
