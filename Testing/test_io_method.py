@@ -71,6 +71,9 @@ def test_io_refuses_bad_input(thorax):
     empty = thorax.planning.with_array(np.zeros(thorax.planning.array.shape, np.uint8))
     with pytest.raises(InputError, match="mask is empty"):
         register(RegistrationCase(thorax.planning, thorax.repeat, fixed_mask=empty), RegisterOptions(device="cpu"))
+    wrong = thorax.planning.with_array(np.ones((3, 3, 3), np.uint8))
+    with pytest.raises(InputError, match="resample the mask"):
+        register(RegistrationCase(thorax.planning, thorax.repeat, fixed_mask=wrong), RegisterOptions(device="cpu"))
     tiny = thorax.planning.with_array(thorax.planning.array[:2])
     with pytest.raises(InputError, match="too small"):
         register(RegistrationCase(tiny, thorax.repeat), RegisterOptions(device="cpu"))

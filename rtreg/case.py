@@ -53,6 +53,9 @@ class RegistrationCase:
             check_finite(self.dose, "dose")
             if self.dose.meta.get("units", "Gy") not in ("Gy", ""):
                 raise InputError(f"the dose is in {self.dose.meta.get('units')!r}, not Gy; export absolute dose")
+        if self.fixed_mask is not None and self.fixed_mask.array.shape != self.fixed.array.shape:
+            raise InputError(f"the fixed-image mask has shape {self.fixed_mask.array.shape}, the fixed image "
+                             f"{self.fixed.array.shape}; resample the mask onto the fixed image (the CLI does this)")
         if self.fixed_mask is not None and not np.any(self.fixed_mask.array):
             raise InputError("the fixed-image mask is empty; give a mask with the region to register, or none")
         for s in self.structures:
