@@ -38,7 +38,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(ui_widget)
         self.ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
-        for selector in ui_widget.findChildren("qMRMLNodeComboBox"):
+        for selector in slicer.util.findChildren(ui_widget, className="qMRMLNodeComboBox"):
             selector.setMRMLScene(slicer.mrmlScene)
         self.ui.deviceCombo.addItem("Auto", "auto")
         self.ui.deviceCombo.addItem("CPU", "cpu")

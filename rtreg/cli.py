@@ -91,9 +91,9 @@ def _register(args) -> int:
 
 def _print_summary(metrics) -> None:
     b, p, a = metrics["similarity_before"], metrics["similarity_after_prealignment"], metrics["similarity_after"]
-    print(f"{'':12s}{'before':>10s}{'prealign':>10s}{'after':>10s}")
+    print(f"{'':12s}{'before':>12s}{'prealign':>12s}{'after':>12s}")
     for k in ("ncc", "ssim", "mse"):
-        print(f"{k:12s}{b[k]:10.4f}{p[k]:10.4f}{a[k]:10.4f}")
+        print(f"{k:12s}{b[k]:12.5g}{p[k]:12.5g}{a[k]:12.5g}")
     j = metrics["jacobian"]
     print(f"Jacobian: min {j['jacobian_min']:.3f}, {j['percent_nonpositive_jacobian']:.4f}% <= 0; "
           f"inverse residual mean {metrics['inverse_residual_mm']['mean']:.3f} mm; "
