@@ -1,4 +1,4 @@
-"""Command line: ``rtreg info | register | demo``.
+"""Command line: ``rtreg info | register | eval | demo``.
 
 Progress: a bar on a terminal, or JSON lines on stdout with ``--progress jsonl``
 (``{"type": "progress", "fraction": f, "message": m}``, then one
@@ -107,6 +107,22 @@ def _demo(args) -> int:
     return 0 if ok else 1
 
 
+def _eval(args) -> int:
+    from .evaluation import evaluate_result
+    out = evaluate_result(Path(args.case), Path(args.result))
+    if "tre_mm" in out:
+        t = out["tre_mm"]
+        print(f"TRE (mm, {t['n']} points): mean {t['mean']:.2f}, median {t['median']:.2f}, p95 {t['p95']:.2f}, "
+              f"max {t['max']:.2f}")
+    for name, m in out.get("structures", {}).items():
+        print(f"{name:20s} Dice {m['dice']:.3f}  HD95 {m['hd95_mm']:.2f} mm  MSD {m['mean_surface_distance_mm']:.2f} mm"
+              f"  RVD {m['relative_volume_difference']:+.3f}")
+    j = out["jacobian"]
+    print(f"Jacobian min {j['jacobian_min']:.3f}, {j['percent_nonpositive_jacobian']:.4f}% <= 0; "
+          f"written to {Path(args.result) / 'eval.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rtreg", description="Registration engine of SlicerProtonDIR")
     ap.add_argument("--version", action="version", version=f"rtreg {__version__}")
@@ -138,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none",
                    choices=["bar", "jsonl", "none"])
     r.set_defaults(func=_register)
+
+    e = sub.add_parser("eval", help="metrics of a registration output against a case's ground truth")
+    e.add_argument("--case", required=True, help="case folder (points_*.csv and/or truth_structures_on_repeat/)")
+    e.add_argument("--result", required=True, help="output folder of rtreg register")
+    e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="build an RT phantom case, register it and print a before/after table")
     d.add_argument("--out", default="demo_out")
