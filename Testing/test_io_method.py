@@ -47,7 +47,7 @@ def test_io_stops_at_time_budget(thorax):
     res = get_method("io")(_case(thorax), RegisterOptions(device="cpu", working_spacing_mm=4.0, time_budget_s=0.5,
                                                           iterations=500))
     assert res.qa["stopped_by"] == "time budget"
-    assert res.qa["iterations"] < 1000
+    assert res.qa["optimisation_s"] > 0.5  # it ran up to the 0.5 s budget before stopping short of 1000 iterations
 
 
 def test_io_multimodal_mind_with_bending(thorax):

@@ -91,12 +91,15 @@ class SpatialTransform:
 
     def total_field(self, grid: Grid) -> Volume:
         """The whole mapping as a displacement field on ``grid``: T(x) - x (LPS mm, float32)."""
-        ref = grid
-        img = sitk.TransformToDisplacementField(self.to_sitk(), sitk.sitkVectorFloat64,
-                                                [int(s) for s in ref.size_xyz], [float(o) for o in ref.origin],
-                                                [float(s) for s in ref.spacing],
-                                                [float(d) for d in ref.direction.ravel()])
-        return Volume(sitk.GetArrayFromImage(img).astype(np.float32), grid.affine.copy(), {"units": "mm"})
+        return _field_of(self.to_sitk(), grid)
+
+
+def _field_of(tx: sitk.Transform, grid: Grid) -> Volume:
+    """Any ITK transform sampled as a displacement field T(x) - x on ``grid`` (LPS mm, float32)."""
+    img = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, [int(s) for s in grid.size_xyz],
+                                            [float(o) for o in grid.origin], [float(s) for s in grid.spacing],
+                                            [float(d) for d in grid.direction.ravel()])
+    return Volume(sitk.GetArrayFromImage(img).astype(np.float32), grid.affine.copy(), {"units": "mm"})
 
 
 def warp(volume: Volume, transform: SpatialTransform, grid: Grid, mode: str = "linear",
@@ -123,10 +126,7 @@ def compose(outer: SpatialTransform, inner: SpatialTransform, grid: Grid) -> Spa
     tx = sitk.CompositeTransform(3)
     tx.AddTransform(outer.to_sitk())
     tx.AddTransform(inner.to_sitk())
-    img = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, [int(s) for s in grid.size_xyz],
-                                            [float(o) for o in grid.origin], [float(s) for s in grid.spacing],
-                                            [float(d) for d in grid.direction.ravel()])
-    return SpatialTransform(np.eye(4), Volume(sitk.GetArrayFromImage(img).astype(np.float32), grid.affine.copy()))
+    return SpatialTransform(np.eye(4), _field_of(tx, grid))
 
 
 @dataclass

@@ -392,6 +392,7 @@ class RegistrationLogic:
         import json
         from pathlib import Path
         from .image import read_volume
+        from .pipeline import structure_filename
         out = Path(out)
         metrics = json.loads((out / "metrics.json").read_text())
         field = read_volume(out / "displacement.mha")
@@ -405,7 +406,6 @@ class RegistrationLogic:
                 colors[s.GetName()] = tuple(int(round(255 * c)) for c in s.GetColor())
         structures = []
         for i, name in enumerate(metrics["structures_on_moving"], start=1):
-            from .pipeline import structure_filename
             vol = read_volume(out / "structures_on_moving" / structure_filename(name))
             structures.append(Structure(name, i, colors.get(name, (255, 0, 0)), (vol.array > 0).astype(np.uint8)))
         moving_grid = _moving_as_scanned(inputs.moving).grid

@@ -114,17 +114,19 @@ def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structu
     return case
 
 
-def _eval_grid(fixed: Volume):
-    return fixed.grid.with_spacing(2.0)
+class SimilarityReport:
+    """NCC, SSIM and MSE inside a mask on the fixed grid coarsened to 2 mm (for speed); the fixed image and
+    the mask are resampled once, each moving image once."""
 
+    def __init__(self, fixed: Volume, mask: np.ndarray):
+        self.grid = fixed.grid.with_spacing(2.0)
+        self.fixed = resample(fixed, self.grid).array
+        self.mask = resample(fixed.with_array(mask.astype(np.uint8)), self.grid, "mask").array
 
-def similarity_report(fixed: Volume, moving_on_fixed: Volume, mask: np.ndarray) -> Dict[str, float]:
-    """NCC, SSIM and MSE inside ``mask`` on the fixed grid coarsened to 2 mm (for speed)."""
-    g = _eval_grid(fixed)
-    f = resample(fixed, g).array
-    m = resample(moving_on_fixed, g).array
-    mk = resample(fixed.with_array(mask.astype(np.uint8)), g, "mask").array
-    return {"ncc": ncc(f, m, mk), "ssim": ssim(f, m, mk), "mse": mse(f, m, mk)}
+    def __call__(self, moving_on_fixed: Volume) -> Dict[str, float]:
+        m = resample(moving_on_fixed, self.grid).array
+        return {"ncc": ncc(self.fixed, m, self.mask), "ssim": ssim(self.fixed, m, self.mask),
+                "mse": mse(self.fixed, m, self.mask)}
 
 
 def run_registration(case: RegistrationCase, method: str, options: RegisterOptions, out: Path,
@@ -162,14 +164,15 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     body = body if body.any() else np.ones(fixed.array.shape, np.uint8)
     before = resample(moving, fixed.grid, fill=fill)
     pre = warp(moving, SpatialTransform(result.prealignment), fixed.grid, fill=fill)
+    similarity = SimilarityReport(fixed, body)
     metrics = {
         "method": method, "device": result.device, "command": command,
         "fixed": fixed.meta.get("path", ""), "moving": moving.meta.get("path", ""),
         "options": {k: v for k, v in vars(options).items()},
         "timings_s": dict(result.timings, registration_total=t_reg - t0),
-        "similarity_before": similarity_report(fixed, before, body),
-        "similarity_after_prealignment": similarity_report(fixed, pre, body),
-        "similarity_after": similarity_report(fixed, warped, body),
+        "similarity_before": similarity(before),
+        "similarity_after_prealignment": similarity(pre),
+        "similarity_after": similarity(warped),
         "jacobian": jacobian_stats(jac, body),
         "inverse_residual_mm": {"mean": inverse.residual_mean_mm, "max": inverse.residual_max_mm,
                                 "iterations": inverse.iterations},

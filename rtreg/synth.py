@@ -32,7 +32,7 @@ SITES = ("pelvis", "thorax", "headneck")
 # tissue -> HU
 HU = {"air": -1000, "fat": -100, "skin": 30, "muscle": 40, "bone": 700, "bladder": 5, "rectum": 35, "gas": -700,
       "prostate": 60, "lung": -820, "heart": 42, "cord": 30, "tumour": 80, "brain": 32, "brainstem": 38,
-      "parotid": -25, "soft": 45}
+      "parotid": -25}
 
 
 @dataclass
