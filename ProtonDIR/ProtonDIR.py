@@ -37,15 +37,47 @@ class ProtonDIRWidget(RegistrationWidget):
     def setup(self):
         RegistrationWidget.setup(self)
         self.ui.planTextEdit.setPlainText(plan_text_from_scene())
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.fillRoles)
+        self.fillRoles()
+
+    def fillRoles(self, *_):
+        """Offer the segments of the selected structure set for each role, prefilled from their names."""
+        import qt
+        seg = self.ui.segmentationSelector.currentNode()
+        for combo in (self.ui.targetSegmentCombo, self.ui.bodySegmentCombo):
+            combo.clear()
+            combo.addItem("(none)", "")
+        self.ui.oarSegmentList.clear()
+        if seg is None:
+            return
+        target, oars, body = mrml.segment_roles(seg)
+        segments = seg.GetSegmentation()
+        for i in range(segments.GetNumberOfSegments()):
+            sid = segments.GetNthSegmentID(i)
+            name = segments.GetSegment(sid).GetName()
+            self.ui.targetSegmentCombo.addItem(name, sid)
+            self.ui.bodySegmentCombo.addItem(name, sid)
+            item = qt.QListWidgetItem(name)
+            item.setData(qt.Qt.UserRole, sid)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if sid in oars else qt.Qt.Unchecked)
+            self.ui.oarSegmentList.addItem(item)
+        self.ui.targetSegmentCombo.setCurrentIndex(max(self.ui.targetSegmentCombo.findData(target or ""), 0))
+        self.ui.bodySegmentCombo.setCurrentIndex(max(self.ui.bodySegmentCombo.findData(body or ""), 0))
 
     def inputs(self):
+        import qt
         seg = self.ui.segmentationSelector.currentNode()
-        body = self.ui.bodySegmentEdit.text.strip() if seg else ""
-        has_body = bool(seg and body and seg.GetSegmentation().GetSegmentIdBySegmentName(body))
+        oars = None
+        if seg is not None:
+            items = [self.ui.oarSegmentList.item(i) for i in range(self.ui.oarSegmentList.count)]
+            oars = [it.data(qt.Qt.UserRole) for it in items if it.checkState() == qt.Qt.Checked]
         return mrml.RegistrationInputs(
             self.ui.fixedVolumeSelector.currentNode(), self.ui.movingVolumeSelector.currentNode(), seg,
             dose=self.ui.doseSelector.currentNode(), plan_text=self.ui.planTextEdit.toPlainText(),
-            fixed_mask_segment=seg.GetSegmentation().GetSegmentIdBySegmentName(body) if has_body else None)
+            fixed_mask_segment=(self.ui.bodySegmentCombo.currentData or None) if seg else None,
+            target_segment=(self.ui.targetSegmentCombo.currentData or None) if seg else None,
+            oar_segments=oars)
 
     def outputs(self):
         out = RegistrationWidget.outputs(self)

@@ -29,7 +29,7 @@ def test_register_writes_every_output_and_streams_jsonl(case_dir, tmp_path):
               "--moving", str(case_dir / "repeat_ct.nii.gz"), "--out", str(out),
               "--fixed-structures", str(case_dir / "structures"), "--dose", str(case_dir / "dose.nii.gz"),
               "--plan", str(case_dir / "plan.txt"), "--working-spacing", "4", "--iterations", "30",
-              "--progress", "jsonl", "--device", "cpu"])
+              "--progress", "jsonl", "--device", "cpu", "--report"])
     assert p.returncode == 0, p.stderr
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert lines[-1]["type"] == "done" and all(x["type"] == "progress" for x in lines[:-1])
@@ -57,6 +57,46 @@ def test_register_writes_every_output_and_streams_jsonl(case_dir, tmp_path):
     assert m["similarity_after"]["ncc"] > m["similarity_before"]["ncc"]
     assert m["inverse_residual_mm"]["mean"] < 0.1 and "percent_nonpositive_jacobian" in m["jacobian"]
     assert "Proton plan" in m["plan_text"] and "prealign_s" in m["timings_s"]
+    assert m["roles"]["target"] == "CTV" and sorted(m["roles"]["oars"]) == ["Brainstem", "Parotid_L", "Parotid_R",
+                                                                           "SpinalCord"]
+    ctv_cc = m["structure_volumes_cc"]["CTV"]
+    assert ctv_cc["planning"] > 1 and abs(ctv_cc["on_moving"] / ctv_cc["planning"] - 1) < 0.3
+    # the QA report: one self-contained page with every figure and the checks
+    assert lines[-1]["report"] == str(out / "report.html")
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list((out / "qa").glob("*.png"))) >= 6
+    for text in ("Checkerboard", "propagated onto the moving image", "Jacobian determinant", "Folded voxels",
+                 "Inverse residual", "CTV"):
+        assert text in page, text
+
+
+def test_report_needs_a_registration_output(tmp_path):
+    from rtreg.errors import InputError
+    from rtreg.report import write_html_report
+    with pytest.raises(InputError, match="rtreg register"):
+        write_html_report(tmp_path)
+
+
+def test_roles_name_structures_or_fail_clearly(case_dir, tmp_path, capsys):
+    from rtreg.pipeline import load_case
+    fixed, moving = str(case_dir / "planning_ct.nii.gz"), str(case_dir / "repeat_ct.nii.gz")
+    case = load_case(fixed, moving, structures=str(case_dir / "structures"), target="ctv", oars=["brainstem"])
+    assert case.target == "CTV" and case.oars == ["Brainstem"]
+    assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o"),
+                 "--fixed-structures", str(case_dir / "structures"), "--target", "PTV_70"]) == 2
+    err = capsys.readouterr().err
+    assert "target 'PTV_70' is not among the structures" in err and "CTV" in err
+    assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o"),
+                 "--target", "CTV"]) == 2
+    assert "no --fixed-structures" in capsys.readouterr().err
+
+
+def test_role_guessing_follows_planning_names():
+    from rtreg.roles import guess_roles
+    names = ["BODY", "CTV", "BrainStem", "M1", "M7", "Beekley", "PTV_CTV", "Couch"]
+    assert guess_roles(names) == ("CTV", ["BrainStem"], "BODY")
+    assert guess_roles(["External", "GTVp", "Lung L", "PTV"]) == ("GTVp", ["Lung L"], "External")
+    assert guess_roles(["Heart", "Cord"]) == (None, ["Heart", "Cord"], None)
 
 
 def test_info_lists_versions_and_methods(capsys):

@@ -165,6 +165,29 @@ def test_logic_end_to_end_markup_ctv_dose_and_mrb(phantom, tmp_path):
     np.testing.assert_allclose(mrml.field_from_grid_transform_node(t2).array, field.array, atol=1e-4)
 
 
+def test_segment_roles_reach_the_engine_by_name(phantom):
+    scene, fixed, moving, seg, dose = _scene_with(phantom)
+    target, oars, body = mrml.segment_roles(seg)
+    names = {sid: seg.GetSegmentation().GetSegment(sid).GetName() for sid in [target, body] + oars}
+    assert names[target] == "CTV" and names[body] == "BODY"
+    assert sorted(names[o] for o in oars) == ["Brainstem", "Parotid_L", "Parotid_R", "SpinalCord"]
+    seg.GetSegmentation().GetSegment(oars[0]).SetName("Parotid, left (deep)")   # a name no file can hold
+    run = mrml.RegistrationLogic("io", scene).start(
+        mrml.RegistrationInputs(fixed, moving, seg, target_segment=target, oar_segments=oars[:2],
+                                fixed_mask_segment=body), {"device": "cpu"})
+    try:
+        cmd = run.command
+        assert cmd[cmd.index("--target") + 1] == "CTV"
+        assert cmd[cmd.index("--oars") + 1].split(",")[0] == "Parotid_left_deep"
+        assert "--fixed-mask" in cmd
+    finally:
+        run.cancel()
+    with pytest.raises(InputError, match="not in"):
+        mrml.RegistrationInputs(fixed, moving, seg, target_segment="no-such-segment")
+    with pytest.raises(InputError, match="structure set"):
+        mrml.RegistrationInputs(fixed, moving, None, target_segment=target)
+
+
 def test_logic_failure_leaves_the_scene_as_it_was(phantom):
     scene, fixed, moving, seg, dose = _scene_with(phantom)
     bad = phantom.repeat.with_array(phantom.repeat.array.copy())

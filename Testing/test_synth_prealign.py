@@ -8,7 +8,7 @@ from rtreg.image import read_volume
 from rtreg.metrics import dice
 from rtreg.prealign import center_of_mass, prealign
 from rtreg.priors import body_mask
-from rtreg.synth import SITES, deform_real_ct, rigid_matrix, rt_phantom
+from rtreg.synth import SITES, deform_real_ct, large_offset_case, rigid_matrix, rt_phantom
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,35 @@ def test_moments_initialisation_recovers_a_large_rotation(pelvis):
     com = prealign(fixed, moving, "com", body_mask(fixed), body_mask(moving))
     err_com = np.linalg.norm((pts @ com[:3, :3].T + com[:3, 3]) - (pts @ true_a[:3, :3].T + true_a[:3, 3]), axis=1)
     assert err.mean() < 0.5 * err_com.mean()
+
+
+def _values_at(volume, points):
+    from scipy.ndimage import map_coordinates
+    idx = volume.grid.world_to_index(points)[:, ::-1].T
+    return map_coordinates(volume.array.astype(float), idx, order=1)
+
+
+def test_large_offset_case_sees_part_of_the_patient_and_keeps_its_truth(pelvis):
+    ct = pelvis.planning
+    c = large_offset_case(ct, seed=3, keep_fraction=0.6, n_points=80, structures=pelvis.planning_structures)
+    assert c.notes["translation_mm"] == pytest.approx(60.0)
+    assert np.prod(c.repeat.array.shape) < 0.3 * np.prod(ct.array.shape)     # a cropped field of view
+    # every kept point is seen by both images, and the truth maps anatomy onto the same anatomy
+    idx = c.repeat.grid.world_to_index(c.points_repeat)
+    assert np.all(idx >= 0) and np.all(idx <= np.array(c.repeat.grid.size_xyz) - 1)
+    a, b = _values_at(ct, c.points_planning), _values_at(c.repeat, c.points_repeat)
+    assert np.corrcoef(a, b)[0, 1] > 0.9
+    assert [s.name for s in c.repeat_structures] == [s.name for s in pelvis.planning_structures]
+
+
+def test_a_deformation_carries_structures_and_another_modality(pelvis):
+    ct = pelvis.planning
+    mr = ct.with_array((1000.0 - np.abs(ct.array - 40.0)).astype(np.float32))   # same anatomy, other contrast
+    mr.meta.update(modality="MR", units="")
+    c = deform_real_ct(ct, "soft_tissue", seed=1, amplitude_mm=6.0, n_points=60,
+                       structures=pelvis.planning_structures[:3], moving_source=mr)
+    assert c.repeat.meta["modality"] == "MR"
+    assert np.corrcoef(_values_at(mr, c.points_planning), _values_at(c.repeat, c.points_repeat))[0, 1] > 0.9
+    for s, r in zip(c.planning_structures, c.repeat_structures):
+        back = warp(ct.with_array(r.mask), c.truth, ct.grid, "mask").array   # truth carries it back
+        assert dice(back, s.mask) > 0.9, s.name

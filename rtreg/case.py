@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .dicomrt import PlanSummary, Structure
+from . import roles
 from .errors import InputError
 from .field import SpatialTransform
 from .image import Volume, check_finite
@@ -26,7 +27,9 @@ class RegistrationCase:
     ``structures`` and ``fixed_mask`` are on the fixed grid; ``dose`` (Gy) is on
     its own grid in the fixed image's frame; ``query_points`` are (N, 3) LPS mm
     in the fixed image. ``same_frame``: True/False overrides the DICOM
-    frame-of-reference check; None trusts the UIDs.
+    frame-of-reference check; None trusts the UIDs. ``target`` and ``oars``
+    name structures by role (matched as :mod:`rtreg.roles` says); ``validate``
+    replaces them by the structures' own names.
     """
 
     fixed: Volume
@@ -38,6 +41,8 @@ class RegistrationCase:
     plan_text: str = ""
     query_points: Optional[np.ndarray] = None
     same_frame: Optional[bool] = None
+    target: Optional[str] = None                        # the CTV (or GTV) among ``structures``
+    oars: List[str] = field(default_factory=list)       # organs at risk among ``structures``
 
     def validate(self, prealign: str) -> None:
         """Raise InputError for input that would give a wrong result (see the README's bad-input list)."""
@@ -62,6 +67,12 @@ class RegistrationCase:
             if s.mask.shape != self.fixed.array.shape:
                 raise InputError(f"structure {s.name!r} is not on the fixed image grid; rasterise it on the "
                                  "planning CT")
+        names = [st.name for st in self.structures]
+        if self.target:
+            self.target = roles.find(names, self.target, "target")
+        self.oars = [roles.find(names, o, "organ at risk") for o in self.oars]
+        if self.target in self.oars:
+            raise InputError(f"{self.target!r} is named both the target and an organ at risk; give it one role")
         fa = self.fixed.meta.get("frame_of_reference", "")
         fb = self.moving.meta.get("frame_of_reference", "")
         if self.frames_differ and prealign == "none":

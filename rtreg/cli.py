@@ -76,16 +76,22 @@ def _register(args) -> int:
     progress = ProgressPrinter(args.progress)
     progress(0.0, "reading inputs")
     same = True if args.same_frame else None
+    oars = [o.strip() for o in args.oars.split(",") if o.strip()] if args.oars is not None else None
     case = load_case(args.fixed, args.moving, args.fixed_mask, args.fixed_structures, args.dose, args.plan,
-                     same, args.allow_frame_mismatch)
+                     same, args.allow_frame_mismatch, args.target, oars)
     metrics = run_registration(case, args.method, _options(args), Path(args.out), progress,
                                command="rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if args.report:
+        from .report import write_html_report
+        metrics["report"] = str(write_html_report(Path(args.out)))
     if args.progress == "jsonl":
         print(json.dumps({"type": "done", "out": str(Path(args.out).resolve()),
                           "similarity_after": metrics["similarity_after"],
-                          "timings_s": metrics["timings_s"]}), flush=True)
+                          "timings_s": metrics["timings_s"], "report": metrics.get("report")}), flush=True)
     else:
         _print_summary(metrics)
+        if args.report:
+            print(f"QA report: {metrics['report']}")
     return 0
 
 
@@ -136,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--fixed-mask", help="mask of the region that counts, on the fixed image")
     r.add_argument("--fixed-structures", help="RTSTRUCT file, or a folder of binary masks, on the fixed image")
+    r.add_argument("--target", help="the target (CTV) among the structures (default: the first CTV, else GTV)")
+    r.add_argument("--oars", help="organs at risk among the structures, comma-separated (default: every "
+                   "structure that is not the target, the body, a PTV or a marker; '' for none)")
     r.add_argument("--dose", help="dose on the fixed image: RTDOSE file or image in Gy")
     r.add_argument("--plan", help="RTPLAN / RT Ion Plan file, a text file, or plan text")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -151,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the images share scanner coordinates although their frame-of-reference UIDs differ")
     r.add_argument("--allow-frame-mismatch", action="store_true",
                    help="accept structures/dose whose frame of reference differs from the fixed image's")
+    r.add_argument("--report", action="store_true",
+                   help="also write report.html: the QA page with figures and checks (self-contained)")
     r.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none",
                    choices=["bar", "jsonl", "none"])
     r.set_defaults(func=_register)

@@ -15,12 +15,14 @@ from .dicomrt import Structure
 from .errors import InputError
 from .field import SpatialTransform, jacobian_determinant, read_transform
 from .image import Grid, read_volume
-from .metrics import jacobian_stats, structure_metrics, tre
+from .metrics import jacobian_stats, point_distances, structure_metrics, tre
 
 
 def point_errors(transform: SpatialTransform, points_fixed: np.ndarray, points_moving_true: np.ndarray) -> Dict:
-    """TRE (mm) of ``transform`` at ``points_fixed`` (LPS, fixed image) against the true moving positions."""
-    return tre(transform.transform_points(points_fixed), points_moving_true)
+    """TRE (mm) of ``transform`` at ``points_fixed`` (LPS, fixed image) against the true moving positions:
+    the summary (mean, median, p95, max, n) and ``errors``, the distance of every point."""
+    estimated = transform.transform_points(points_fixed)
+    return dict(tre(estimated, points_moving_true), errors=point_distances(estimated, points_moving_true).tolist())
 
 
 def structure_errors(on_moving: Dict[str, np.ndarray], truth: Sequence[Structure], grid: Grid) -> Dict[str, Dict]:
@@ -42,7 +44,7 @@ def evaluate_result(case_dir: Path, result_dir: Path) -> Dict:
     ``case_dir`` (as ``synth.write_case`` writes it): ``planning_ct.nii.gz``, ``points_planning.csv`` and
     ``points_repeat_truth.csv`` (LPS mm) and/or ``truth_structures_on_repeat/<ROI>.nii.gz``.
     ``result_dir`` (as ``rtreg register`` writes it): ``transform.h5`` (or ``displacement.mha``) and
-    ``structures_on_moving/<ROI>.nii.gz``. Returns TRE (mm), per-structure Dice/HD95/MSD/RVD and the
+    ``structures_on_moving/<ROI>.nii.gz``. Returns TRE (mm; with every point's error), per-structure Dice/HD95/MSD/RVD and the
     Jacobian statistics of the mapping inside the planning body.
     """
     case_dir, result_dir = Path(case_dir), Path(result_dir)

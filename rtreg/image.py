@@ -269,6 +269,23 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor
                   "label": sitk.sitkLabelLinear, "bspline": sitk.sitkBSpline}
 
 
+def crop_to_mask(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) -> Volume:
+    """The part of ``volume`` inside the bounding box of ``mask`` (same grid, z y x) widened by ``margin_mm``
+    on every side (clipped at the image edge); voxels and geometry are unchanged, only the extent shrinks."""
+    if mask.shape != volume.array.shape[:3]:
+        raise InputError(f"the mask {mask.shape} is not on the image grid {volume.array.shape[:3]}")
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        raise InputError("the mask to crop to is empty; check the mask (or the body threshold)")
+    pad = np.ceil(margin_mm / volume.grid.spacing[::-1]).astype(int)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, volume.array.shape[:3])
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.grid.index_to_world(lo[None, ::-1].astype(float))[0]
+    sub = volume.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy()
+    return Volume(sub, affine, dict(volume.meta))
+
+
 def resample(volume: Volume, grid: Grid, mode: str = "linear", transform: Optional[sitk.Transform] = None,
              fill: float = 0.0) -> Volume:
     """Resample ``volume`` onto ``grid`` (through ``transform`` if given).

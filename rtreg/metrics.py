@@ -13,9 +13,14 @@ from scipy import ndimage
 from .image import Volume
 
 
+def point_distances(points_estimated: np.ndarray, points_true: np.ndarray) -> np.ndarray:
+    """Euclidean distance (mm) between corresponding rows of two (N, 3) LPS mm point sets."""
+    return np.linalg.norm(np.asarray(points_estimated, float) - np.asarray(points_true, float), axis=1)
+
+
 def tre(points_estimated: np.ndarray, points_true: np.ndarray) -> dict:
     """Target registration error of corresponding (N, 3) LPS mm point sets: mean, median, p95, max (mm)."""
-    d = np.linalg.norm(np.asarray(points_estimated, float) - np.asarray(points_true, float), axis=1)
+    d = point_distances(points_estimated, points_true)
     return {"mean": float(d.mean()), "median": float(np.median(d)), "p95": float(np.percentile(d, 95)),
             "max": float(d.max()), "n": int(d.size)}
 

@@ -12,7 +12,7 @@ which is the same grid set as **ToParent**.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
@@ -285,16 +285,30 @@ def place_in_study(scene, reference_node, nodes: Iterable) -> None:
 DOSE_ATTRIBUTE = "DicomRtImport.DoseVolume"
 
 
+def segment_roles(node) -> Tuple[Optional[str], List[str], Optional[str]]:
+    """(target, organs at risk, body) segment IDs of a segmentation node, guessed from the segment names as
+    :func:`rtreg.roles.guess_roles` does (what the ProtonDIR panel prefills)."""
+    from .roles import guess_roles
+    seg = node.GetSegmentation()
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    by_name = {seg.GetSegment(sid).GetName(): sid for sid in ids}
+    target, oars, body = guess_roles(list(by_name))
+    return (by_name[target] if target else None, [by_name[n] for n in oars], by_name[body] if body else None)
+
+
 class RegistrationInputs:
     """Input nodes of one registration; nothing here is ever modified (except that the moving volume is
     placed under the result transform, as Slicer users expect).
 
     ``segment_ids``: the segments to carry over (None: all); ``dose``: a dose volume on the fixed image;
-    ``plan_text``: free text or the summary of an imported plan.
+    ``plan_text``: free text or the summary of an imported plan. Roles, as segment IDs:
+    ``target_segment`` (the CTV), ``oar_segments`` (organs at risk; None: guessed from the names) and
+    ``fixed_mask_segment`` (the body: where similarity counts).
     """
 
     def __init__(self, fixed, moving, segmentation=None, segment_ids=None, dose=None, plan_text: str = "",
-                 fixed_mask_segment: Optional[str] = None):
+                 fixed_mask_segment: Optional[str] = None, target_segment: Optional[str] = None,
+                 oar_segments: Optional[List[str]] = None):
         if fixed is None or moving is None:
             raise InputError("select a fixed (planning) and a moving (repeat) volume")
         if fixed is moving:
@@ -303,6 +317,17 @@ class RegistrationInputs:
         self.segmentation, self.segment_ids, self.dose = segmentation, segment_ids, dose
         self.plan_text = plan_text
         self.fixed_mask_segment = fixed_mask_segment
+        self.target_segment, self.oar_segments = target_segment, oar_segments
+        roles = [r for r in [fixed_mask_segment, target_segment] + list(oar_segments or []) if r]
+        if roles and segmentation is None:
+            raise InputError("segment roles (target, organs at risk, body) need the structure set; select it")
+        for sid in roles:
+            if segmentation.GetSegmentation().GetSegment(sid) is None:
+                raise InputError(f"segment {sid!r} is not in {segmentation.GetName()}; choose the roles again")
+        if segment_ids is not None:
+            missing = [r for r in [target_segment] + list(oar_segments or []) if r and r not in segment_ids]
+            if missing:
+                raise InputError(f"the segments {missing} have a role but are not among those to carry over")
 
 
 class RegistrationOutputs:
@@ -320,6 +345,12 @@ def _flat_metrics(metrics: Dict) -> Dict[str, object]:
             rows[f"{k} ({stage.replace('similarity_', '').replace('_', ' ')})"] = v
     rows.update({f"{k.replace('_', ' ')}": v for k, v in metrics["jacobian"].items()})
     rows["inverse residual mean (mm)"] = metrics["inverse_residual_mm"]["mean"]
+    target = (metrics.get("roles") or {}).get("target")
+    if target:
+        volumes = metrics["structure_volumes_cc"][target]
+        rows["target"] = target
+        rows[f"{target} volume planning (cc)"] = volumes["planning"]
+        rows[f"{target} volume on moving (cc)"] = volumes["on_moving"]
     rows["time (s)"] = metrics["timings_s"]["total"]
     return rows
 
@@ -340,6 +371,7 @@ class RegistrationLogic:
         """Write the inputs and start the engine; returns the running :class:`~rtreg.runner.CliRun`."""
         from .image import write_volume
         from .pipeline import structure_filename
+        from .roles import safe_name
         from .runner import CliRun
         options = dict(options or {})
         run = CliRun([], python=self.python)
@@ -353,6 +385,12 @@ class RegistrationLogic:
                 for s in structures:
                     write_volume(fixed.with_array(s.mask), folder / "structures" / structure_filename(s.name))
                 args += ["--fixed-structures", str(folder / "structures")]
+                segments = inputs.segmentation.GetSegmentation()
+                if inputs.target_segment:  # file-safe names: the engine matches them (rtreg.roles)
+                    args += ["--target", safe_name(segments.GetSegment(inputs.target_segment).GetName())]
+                if inputs.oar_segments is not None:
+                    args += ["--oars", ",".join(safe_name(segments.GetSegment(sid).GetName())
+                                                for sid in inputs.oar_segments)]
                 if inputs.fixed_mask_segment:
                     body = structures_from_segmentation(inputs.segmentation, fixed, [inputs.fixed_mask_segment])[0]
                     args += ["--fixed-mask", str(write_volume(fixed.with_array(body.mask), folder / "mask.nrrd"))]

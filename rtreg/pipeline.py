@@ -25,6 +25,7 @@ from .image import Volume, read_volume, resample, write_volume
 from .methods import get_method
 from .metrics import jacobian_stats, mse, ncc, ssim
 from .priors import body_mask
+from .roles import find, guess_roles, safe_name
 from . import qa
 
 _PALETTE = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
@@ -93,8 +94,12 @@ def load_plan(plan: str):
 
 def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structures: Optional[str] = None,
               dose: Optional[str] = None, plan: Optional[str] = None, same_frame: Optional[bool] = None,
-              allow_frame_mismatch: bool = False) -> RegistrationCase:
-    """Read every input named on the command line into a RegistrationCase (inputs are only read)."""
+              allow_frame_mismatch: bool = False, target: Optional[str] = None,
+              oars: Optional[List[str]] = None) -> RegistrationCase:
+    """Read every input named on the command line into a RegistrationCase (inputs are only read).
+
+    ``target``/``oars`` name structures by role; without them the roles are guessed from the names
+    (:func:`rtreg.roles.guess_roles`: the CTV, else GTV, is the target, the other organs are at risk)."""
     f, m = read_volume(fixed), read_volume(moving)
     case = RegistrationCase(f, m, same_frame=same_frame)
     if fixed_mask:
@@ -103,6 +108,12 @@ def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structu
         case.fixed_mask = f.with_array(arr.astype(np.uint8), name="fixed mask")
     if structures:
         case.structures = load_structures(Path(structures), f, allow_frame_mismatch)
+        names = [st.name for st in case.structures]
+        guessed_target, guessed_oars, _ = guess_roles(names)
+        case.target = find(names, target, "target") if target else guessed_target
+        case.oars = [find(names, o, "organ at risk") for o in oars] if oars is not None else guessed_oars
+    elif target or oars:
+        raise InputError("--target/--oars name structures, but no --fixed-structures were given; add them")
     if dose:
         case.dose = load_dose(Path(dose))
         ffor, dfor = f.meta.get("frame_of_reference", ""), case.dose.meta.get("frame_of_reference", "")
@@ -148,11 +159,7 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     write_volume(warped, out / "warped_moving.nii.gz", np.int16 if moving.meta.get("units") == "HU" else None)
     progress(0.82, "inverting the transform for structures and dose")
     inverse = invert(result.transform, moving.grid)
-    on_moving: Dict[str, np.ndarray] = {}
-    for s in case.structures:
-        m = warp(fixed.with_array(s.mask), inverse.transform, moving.grid, "mask").array
-        on_moving[s.name] = m
-        write_volume(moving.with_array(m), out / "structures_on_moving" / structure_filename(s.name), np.uint8)
+    on_moving = propagate_structures(case.structures, fixed, inverse.transform, moving, out / "structures_on_moving")
     if case.dose is not None:
         dose_m = warp(case.dose, inverse.transform, moving.grid, "linear", fill=0.0)
         dose_m.meta.update(units="Gy", modality="RTDOSE")
@@ -179,6 +186,9 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
         "prealignment_matrix_lps": result.prealignment.tolist(),
         "method_qa": result.qa, "messages": result.messages,
         "structures_on_moving": sorted(on_moving), "dose_mapped": case.dose is not None,
+        "roles": {"target": case.target, "oars": case.oars,
+                  "body": "fixed mask" if case.fixed_mask is not None else "CT threshold (body_mask)"},
+        "structure_volumes_cc": _volumes_cc(case.structures, fixed, on_moving, moving),
         "plan_text": case.plan_text,
     }
     _qa_figures(case, before, warped, jac, total, on_moving, out / "qa", body)
@@ -188,9 +198,17 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     return metrics
 
 
+def _volumes_cc(structures: List[Structure], fixed: Volume, on_moving: Dict[str, np.ndarray],
+               moving: Volume) -> Dict[str, Dict[str, float]]:
+    """Volume (cm3) of each structure on the planning image and carried onto the repeat image."""
+    vf, vm = float(np.prod(fixed.grid.spacing)) / 1000.0, float(np.prod(moving.grid.spacing)) / 1000.0
+    return {s.name: {"planning": float(s.mask.sum()) * vf, "on_moving": float(on_moving[s.name].sum()) * vm}
+            for s in structures}
+
+
 def _qa_figures(case, before, warped, jac, total, on_moving, qa_dir: Path, body) -> None:
     fixed = case.fixed
-    ctv_name = next((s.name for s in case.structures if "ctv" in s.name.lower() and s.mask.any()), None)
+    ctv_name = case.target
     focus = next(s.mask for s in case.structures if s.name == ctv_name) if ctv_name else body
     centre = np.argwhere(focus).mean(0)
     qa.overlay_figure(fixed, before, qa_dir / "overlay_before.png", "before", centre)
@@ -209,9 +227,22 @@ def _qa_figures(case, before, warped, jac, total, on_moving, qa_dir: Path, body)
                            qa_dir / "structures_on_moving.png", "propagated structures", m_centre)
 
 
+def propagate_structures(structures: List[Structure], fixed: Volume, inverse: SpatialTransform, moving: Volume,
+                         folder: Optional[Path] = None) -> Dict[str, np.ndarray]:
+    """Carry fixed-image structures onto the moving grid through ``inverse`` (moving point -> fixed point);
+    with ``folder``, also write each as ``<folder>/<ROI>.nii.gz``."""
+    on_moving: Dict[str, np.ndarray] = {}
+    for s in structures:
+        m = warp(fixed.with_array(s.mask), inverse, moving.grid, "mask").array
+        on_moving[s.name] = m
+        if folder is not None:
+            write_volume(moving.with_array(m), folder / structure_filename(s.name), np.uint8)
+    return on_moving
+
+
 def structure_filename(name: str) -> str:
     """File name of a propagated structure: the ROI name with unsafe characters replaced, + .nii.gz."""
-    return (re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "ROI") + ".nii.gz"
+    return safe_name(name) + ".nii.gz"
 
 
 def _jsonable(obj):

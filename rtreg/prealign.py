@@ -111,6 +111,58 @@ def _rotation(rotvec: torch.Tensor) -> torch.Tensor:
     return eye + torch.sin(theta) / theta * k + (1 - torch.cos(theta)) / theta2 * (k @ k)
 
 
+class _Samples:
+    """Fixed-image samples (values, LPS points inside the fixed mask) and the moving image, both normalised and
+    smoothed for a level of ``spacing_mm``; ``similarity`` scores a fixed->moving matrix on them."""
+
+    def __init__(self, f_norm: Volume, m_norm: Volume, fixed_mask: Optional[np.ndarray], spacing_mm: float,
+                 gen: torch.Generator, max_points: int, device: torch.device):
+        fg = f_norm.grid.with_spacing(spacing_mm)
+        f_lvl = resample(smooth_for_downsampling(f_norm, spacing_mm), fg)
+        mk = (resample(f_norm.with_array(fixed_mask), fg, "mask").array > 0 if fixed_mask is not None
+              else np.ones(fg.shape, bool))
+        pts_idx = np.argwhere(mk)
+        if len(pts_idx) > max_points:
+            pick = torch.randperm(len(pts_idx), generator=gen)[:max_points].numpy()
+            pts_idx = pts_idx[np.sort(pick)]
+        self.vals = torch.as_tensor(f_lvl.array[tuple(pts_idx.T)], dtype=torch.float32, device=device)
+        self.pts = torch.as_tensor(fg.index_to_world(pts_idx[:, ::-1].astype(np.float64)), dtype=torch.float32,
+                                   device=device)
+        self.mg = m_norm.grid.with_spacing(spacing_mm)
+        self.m_t = to_tensor(resample(smooth_for_downsampling(m_norm, spacing_mm), self.mg).array, device)
+        self.size = torch.tensor(self.mg.size_xyz, dtype=torch.float32, device=device)
+
+    def similarity(self, m_total: torch.Tensor, t_total: torch.Tensor, similarity: str, gen: torch.Generator):
+        """(similarity, fraction of the fixed samples that land inside the moving image)."""
+        idx = world_to_index_torch(self.pts @ m_total.T + t_total, self.mg)
+        inside = ((idx > -0.5) & (idx < self.size - 0.5)).all(-1).float()
+        sampled = sample_at_index(self.m_t, idx[None])[0, 0]
+        if similarity == "mi":
+            sim = mutual_information(self.vals[None, None], sampled[None, None], inside[None, None], generator=gen)
+        else:
+            sim = ncc_global(self.vals, sampled, inside)
+        return sim, inside.mean()
+
+
+def best_start(fixed: Volume, moving: Volume, candidates: Sequence[np.ndarray],
+               fixed_mask: Optional[np.ndarray] = None, moving_mask: Optional[np.ndarray] = None,
+               similarity: str = "ncc", spacing_mm: float = 8.0, seed: int = 0) -> np.ndarray:
+    """The candidate 4x4 fixed->moving start whose similarity, weighted by the fraction of the fixed mask it
+    keeps inside the moving image, is highest at ``spacing_mm`` (e.g. identity against the centre-of-mass
+    shift: identity wins when the images share coordinates but not their field of view)."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = _Samples(fixed.with_array(normalize_intensity(fixed, fixed_mask)),
+                       moving.with_array(normalize_intensity(moving, moving_mask)), fixed_mask, spacing_mm, gen,
+                       60_000, torch.device("cpu"))
+    scores = []
+    with torch.no_grad():
+        for a in candidates:
+            a_t = torch.as_tensor(a, dtype=torch.float32)
+            sim, kept = samples.similarity(a_t[:3, :3], a_t[:3, 3], similarity, gen)
+            scores.append(float(sim) * float(kept))
+    return np.asarray(candidates[int(np.argmax(scores))], dtype=np.float64)
+
+
 def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str = "rigid",
                     fixed_mask: Optional[np.ndarray] = None, moving_mask: Optional[np.ndarray] = None,
                     similarity: str = "ncc", levels_mm: Sequence[float] = (8.0, 4.0),
@@ -145,36 +197,14 @@ def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str =
     steps_total = sum(iterations)
     done = 0
     for level, (sp, n_it) in enumerate(zip(levels_mm, iterations)):
-        fg = fixed.grid.with_spacing(sp)
-        f_lvl = resample(smooth_for_downsampling(f_norm, sp), fg)
-        if fixed_mask is not None:
-            mk = resample(fixed.with_array(fixed_mask), fg, "mask").array > 0
-        else:
-            mk = np.ones(fg.shape, bool)
-        pts_idx = np.argwhere(mk)
-        if len(pts_idx) > max_points:
-            pick = torch.randperm(len(pts_idx), generator=gen)[:max_points].numpy()
-            pts_idx = pts_idx[np.sort(pick)]
-        vals = torch.as_tensor(f_lvl.array[tuple(pts_idx.T)], dtype=torch.float32, device=device)
-        pts = torch.as_tensor(fg.index_to_world(pts_idx[:, ::-1].astype(np.float64)), dtype=torch.float32,
-                              device=device)
-        mg = moving.grid.with_spacing(sp)
-        m_t = to_tensor(resample(smooth_for_downsampling(m_norm, sp), mg).array, device)
-        size = torch.tensor(mg.size_xyz, dtype=torch.float32, device=device)
+        samples = _Samples(f_norm, m_norm, fixed_mask, sp, gen, max_points, device)
         params = [{"params": [rotvec], "lr": 0.01}, {"params": [shift], "lr": sp / 4}]
         if kind == "affine":
             params.append({"params": [lin], "lr": 0.005})
         opt = torch.optim.Adam(params)
         for _ in range(n_it):
             opt.zero_grad()
-            m_total, t_total = matrix()
-            idx = world_to_index_torch(pts @ m_total.T + t_total, mg)
-            inside = ((idx > -0.5) & (idx < size - 0.5)).all(-1).float()
-            sampled = sample_at_index(m_t, idx[None])[0, 0]
-            if similarity == "mi":
-                sim = mutual_information(vals[None, None], sampled[None, None], inside[None, None], generator=gen)
-            else:
-                sim = ncc_global(vals, sampled, inside)
+            sim, _ = samples.similarity(*matrix(), similarity, gen)
             (-sim).backward()
             opt.step()
             done += 1
@@ -194,19 +224,21 @@ def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.n
              ) -> np.ndarray:
     """The 4x4 fixed->moving pre-alignment of ``kind`` (none, com, moments, rigid, affine).
 
-    rigid and affine start from the centre-of-mass translation.
+    rigid and affine start from identity or the centre-of-mass translation, whichever
+    :func:`best_start` scores higher.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown pre-alignment {kind!r}; use one of {KINDS}")
     if kind == "none":
         return np.eye(4)
-    init = translation(center_of_mass(moving, moving_mask) - center_of_mass(fixed, fixed_mask))
+    com = translation(center_of_mass(moving, moving_mask) - center_of_mass(fixed, fixed_mask))
     if kind == "com":
-        return init
+        return com
     if kind == "moments":
         if fixed_mask is None or moving_mask is None:
             raise ValueError("moments initialisation needs the fixed and moving body masks")
         return moments_initialisation(fixed, moving, fixed_mask, moving_mask)
+    init = best_start(fixed, moving, [np.eye(4), com], fixed_mask, moving_mask, similarity, seed=seed)
     a = optimise_linear(fixed, moving, init, "rigid", fixed_mask, moving_mask, similarity, device=device,
                         seed=seed, progress=(lambda f, m: progress(f * (0.5 if kind == "affine" else 1.0), m)))
     if kind == "affine":

@@ -7,7 +7,10 @@
   field of view) with the true fixed->moving transform.
 * :func:`deform_real_ct` applies realistic known deformations (breathing with
   sliding at the chest wall, soft tissue, weight loss) plus a rigid setup error
-  to a real CT.
+  to a real CT (or, for the multimodal case, to a co-registered image of another
+  modality), carrying its structures.
+* :func:`large_offset_case` gives a real CT a large rigid pose change and a
+  cropped field of view.
 
 Geometry: LPS mm (x to the patient's left, y posterior, z superior). The truth
 is a :class:`~rtreg.field.SpatialTransform` in the engine's convention
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -324,7 +327,8 @@ DEFORMATIONS = ("breathing", "soft_tissue", "weight_loss")
 
 
 def deform_real_ct(ct: Volume, kind: str = "soft_tissue", seed: int = 0, amplitude_mm: float = 8.0,
-                   setup_error: bool = True, n_points: int = 300, field_spacing_mm: float = 3.0
+                   setup_error: bool = True, n_points: int = 300, field_spacing_mm: float = 3.0,
+                   structures: Sequence[Structure] = (), moving_source: Optional[Volume] = None
                    ) -> SyntheticCase:
     """Apply a known realistic deformation (and a rigid setup error) to a real CT.
 
@@ -333,8 +337,13 @@ def deform_real_ct(ct: Volume, kind: str = "soft_tissue", seed: int = 0, amplitu
     rib cage and spine do not move). ``soft_tissue``: a smooth random field
     inside the body (organ motion). ``weight_loss``: the body contour shrinks
     towards the body axis by ``amplitude_mm``. The field is built on the CT
-    grid coarsened to ``field_spacing_mm`` (it is smooth) and the repeat CT is
+    grid coarsened to ``field_spacing_mm`` (it is smooth) and the repeat image is
     resampled on the planning grid.
+
+    ``structures`` (masks on the CT grid) are carried onto the repeat image as
+    the true structures. ``moving_source``: an image of another modality in the
+    CT's scanner coordinates (e.g. the co-registered MR of the same patient);
+    it is deformed instead of the CT, on its own grid (the multimodal case).
     """
     if kind not in DEFORMATIONS:
         raise ValueError(f"unknown deformation {kind!r}; use one of {DEFORMATIONS}")
@@ -372,17 +381,78 @@ def deform_real_ct(ct: Volume, kind: str = "soft_tissue", seed: int = 0, amplitu
     if setup_error:
         setup = rigid_matrix(rng.uniform(-3, 3, 3), rng.uniform(-8, 8, 3), p[body].mean(0))
     truth = SpatialTransform(setup, Volume(u, fgrid.affine.copy(), {"units": "mm"}))
-    inverse = invert(truth, ct.grid)
-    fill = float(ct.array.min())
-    repeat = warp(ct, inverse.transform, ct.grid, fill=fill)
-    repeat.meta = dict(ct.meta, name=f"{ct.meta.get('name', 'CT')} ({kind})",
-                       frame_of_reference=ct.meta.get("frame_of_reference", "") + ".repeat")
-    body_full = body_mask(ct).astype(bool)
-    pts = _points_in(ndimage.binary_erosion(body_full, iterations=3), ct.grid, n_points, rng)
-    truth_full = SpatialTransform(setup, truth.displacement)
-    return SyntheticCase(kind, ct, repeat, [], [], None, None, truth_full, pts, truth_full.transform_points(pts),
-                         {"inverse_residual_max_mm": inverse.residual_max_mm,
-                          "max_displacement_mm": float(np.linalg.norm(u, axis=-1).max())})
+    source = moving_source if moving_source is not None else ct
+    inverse = invert(truth, source.grid)
+    body_full = ndimage.binary_erosion(body_mask(ct).astype(bool), iterations=3)
+    pts = _points_in(body_full, ct.grid, n_points, rng)
+    return _known_transform_case(kind, ct, source, source.grid, truth, inverse.transform, structures, pts,
+                                 {"inverse_residual_max_mm": inverse.residual_max_mm,
+                                  "max_displacement_mm": float(np.linalg.norm(u, axis=-1).max())})
+
+
+def large_offset_case(ct: Volume, seed: int = 0, max_translation_mm: float = 60.0,
+                      max_rotation_deg: float = 15.0, keep_fraction: float = 0.6, n_points: int = 300,
+                      structures: Sequence[Structure] = ()) -> SyntheticCase:
+    """A rigid pose difference far beyond a setup error, seen through a cropped field of view.
+
+    The truth is a rotation about the body centre (each Euler angle uniform in
+    +-``max_rotation_deg``) and a translation of length ``max_translation_mm``
+    in a random direction. The repeat image sees a box of ``keep_fraction`` of
+    the planning extent along each axis (at a random place), as a brachytherapy
+    or cone-beam CT sees part of the planning CT. Points are kept only where
+    both images see them (and inside the body).
+    """
+    if not 0.2 <= keep_fraction <= 1.0:
+        raise ValueError("keep_fraction must lie in [0.2, 1]")
+    rng = np.random.default_rng(seed)
+    body = body_mask(ct).astype(bool)
+    centre = ct.grid.index_to_world(np.argwhere(body).mean(0)[None, ::-1])[0]
+    direction = rng.standard_normal(3)
+    translation = max_translation_mm * direction / np.linalg.norm(direction)
+    setup = rigid_matrix(rng.uniform(-max_rotation_deg, max_rotation_deg, 3), translation, centre)
+    truth = SpatialTransform(setup)
+    shape = np.array(ct.grid.shape)
+    size = np.maximum(np.round(shape * keep_fraction).astype(int), 4)
+    start = np.array([rng.integers(0, n - k + 1) for n, k in zip(shape, size)])
+    crop_origin = ct.grid.index_to_world(start[None, ::-1].astype(float))[0]
+    # the repeat scanner's box: the crop, moved by the true transform (same axes as the planning grid)
+    affine = ct.grid.affine.copy()
+    affine[:3, 3] = setup[:3, :3] @ crop_origin + setup[:3, 3]
+    rgrid = Grid(tuple(int(v) for v in size), affine)
+    inverse = SpatialTransform(np.linalg.inv(setup))
+    sees = body & _seen_from(ct.grid, setup, rgrid, margin_voxels=2)
+    pts = _points_in(ndimage.binary_erosion(sees, iterations=2), ct.grid, n_points, rng)
+    return _known_transform_case("large_offset", ct, ct, rgrid, truth, inverse, structures, pts,
+                                 {"translation_mm": float(np.linalg.norm(translation)),
+                                  "keep_fraction": keep_fraction})
+
+
+def _seen_from(grid: Grid, transform: np.ndarray, other: Grid, margin_voxels: int = 0) -> np.ndarray:
+    """Voxels of ``grid`` whose image under the 4x4 ``transform`` lies inside ``other`` (slice by slice)."""
+    out = np.zeros(grid.shape, bool)
+    lo, hi = margin_voxels, np.array(other.shape[::-1]) - 1 - margin_voxels
+    for k in range(grid.shape[0]):
+        j, i = np.mgrid[0:grid.shape[1], 0:grid.shape[2]]
+        ijk = np.stack([i, j, np.full_like(i, k)], -1).reshape(-1, 3).astype(float)
+        x = grid.index_to_world(ijk) @ transform[:3, :3].T + transform[:3, 3]
+        idx = other.world_to_index(x)
+        out[k] = np.all((idx >= lo) & (idx <= hi), axis=1).reshape(grid.shape[1:])
+    return out
+
+
+def _known_transform_case(kind: str, planning: Volume, source: Volume, repeat_grid: Grid,
+                          truth: SpatialTransform, inverse: SpatialTransform, structures: Sequence[Structure],
+                          points: np.ndarray, notes: Dict[str, float]) -> SyntheticCase:
+    """The repeat image (``source`` pulled through ``inverse`` onto ``repeat_grid``), the structures it
+    would show and the true point positions, for a known planning->repeat ``truth``."""
+    repeat = warp(source, inverse, repeat_grid, fill=float(source.array.min()))
+    repeat.meta = dict(source.meta, name=f"{source.meta.get('name', 'image')} ({kind})",
+                       frame_of_reference=source.meta.get("frame_of_reference", "") + ".repeat")
+    on_repeat = [Structure(s.name, s.number, s.color,
+                           warp(planning.with_array(s.mask), inverse, repeat_grid, "mask").array, s.roi_type)
+                 for s in structures]
+    return SyntheticCase(kind, planning, repeat, list(structures), on_repeat, None, None, truth, points,
+                         truth.transform_points(points), dict(notes))
 
 
 def write_case(case: SyntheticCase, folder: PathLike) -> Path:
@@ -390,7 +460,7 @@ def write_case(case: SyntheticCase, folder: PathLike) -> Path:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     write_volume(case.planning, out / "planning_ct.nii.gz", np.int16 if case.planning.array.dtype != np.uint8 else None)
-    write_volume(case.repeat, out / "repeat_ct.nii.gz", np.int16)
+    write_volume(case.repeat, out / "repeat_ct.nii.gz", np.int16 if case.repeat.meta.get("units") == "HU" else np.float32)
     for sub, structs in (("structures", case.planning_structures), ("truth_structures_on_repeat",
                                                                      case.repeat_structures)):
         for s in structs:

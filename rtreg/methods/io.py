@@ -93,7 +93,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         moving_mask = np.ones(case.moving.array.shape, np.uint8)
     progress(0.0, f"pre-alignment ({options.prealign})")
     affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask,
-                      "ncc" if same else "mi", device, options.seed, lambda f, m: progress(0.2 * f, m))
+                      "ncc" if similarity == "ncc" else "mi", device, options.seed,
+                      lambda f, m: progress(0.2 * f, m))
     t_pre = time.perf_counter()
 
     levels = _levels(case, affine, fixed_mask, moving_mask, options.working_spacing_mm, iterations, device)

@@ -1,0 +1,1 @@
+"""Benchmark harness of SlicerProtonDIR: suites, peers, tables and plots (see bench/README.md)."""

@@ -1,0 +1,166 @@
+"""Run methods on cases, each in its own process, and score every output the same way.
+
+For every (case, method): the method runs in a child process (``bench.run_one``)
+with 2 threads; its wall time comes from the child, its peak resident memory
+from ``os.wait4`` (the child and the processes it waited for). The harness
+then carries the case's fixed-image structures onto the moving grid through the
+inverse of the method's mapping (the same code ``rtreg register`` uses) and
+scores the output with ``rtreg.evaluation.evaluate_result``. A method that
+fails or is missing is recorded as such, never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from rtreg.evaluation import evaluate_result
+from rtreg.field import invert, read_transform, write_field
+from rtreg.image import read_volume
+from rtreg.pipeline import load_structures, propagate_structures
+
+from .methods import Method
+from .suites import CaseSpec, build_case, describe
+
+REPO = Path(__file__).resolve().parent.parent
+THREADS = 2
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+
+
+@dataclass
+class Row:
+    """One method on one case: status, accuracy, cost."""
+
+    suite: str
+    case: str
+    method: str
+    status: str                         # ok | failed | unavailable | not applicable
+    message: str = ""
+    seconds: Optional[float] = None
+    peak_mb: Optional[float] = None
+    tre: Dict = field(default_factory=dict)                 # mean, median, p95, max, n (mm)
+    point_errors: List[float] = field(default_factory=list)
+    structures: Dict = field(default_factory=dict)          # name -> dice, hd95_mm, relative_volume_difference
+    jacobian: Dict = field(default_factory=dict)
+
+
+def thread_environment(threads: int = THREADS) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update({k: str(threads) for k in THREAD_VARIABLES})
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def machine() -> Dict:
+    """What the timings were measured on."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores_available": os.cpu_count(), "threads_per_method": THREADS,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def _run_child(method: Method, case_dir: Path, out: Path, timeout_s: float) -> tuple:
+    """(returncode, peak resident MB, stderr tail) of ``bench.run_one`` for this method and case."""
+    log = out / "child.log"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.run_one", "--method", method.name,
+                                 "--case", str(case_dir.resolve()), "--out", str(out.resolve())], cwd=out,
+                                env=thread_environment(), stdout=fh, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - t0 > timeout_s:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                return -9, usage.ru_maxrss / 1024.0, f"timed out after {timeout_s:.0f} s"
+            time.sleep(0.2)
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    return code, usage.ru_maxrss / 1024.0, log.read_text()[-1500:]
+
+
+def _score(spec: CaseSpec, case_dir: Path, result: Path) -> Dict:
+    """Propagate the case's structures with the method's mapping, then ``evaluate_result``."""
+    transform = read_transform(result / "displacement.mha")
+    planning = read_volume(case_dir / "planning_ct.nii.gz")
+    repeat = read_volume(case_dir / "repeat_ct.nii.gz")
+    structures = load_structures(case_dir / "structures", planning)
+    inverse = invert(transform, repeat.grid)
+    propagate_structures(structures, planning, inverse.transform, repeat, result / "structures_on_moving")
+    return evaluate_result(case_dir, result)
+
+
+def _row(spec: CaseSpec, method: str, ev: Dict, **kw) -> Row:
+    tre = {k: v for k, v in ev.get("tre_mm", {}).items() if k != "errors"}
+    return Row(spec.suite, spec.name, method, point_errors=ev.get("tre_mm", {}).get("errors", []), tre=tre,
+               structures=ev.get("structures", {}), jacobian=ev.get("jacobian", {}), **kw)
+
+
+def before_row(spec: CaseSpec, case_dir: Path, out: Path) -> Row:
+    """The case as it stands before any registration (identity mapping)."""
+    result = out / "before"
+    planning = read_volume(case_dir / "planning_ct.nii.gz")
+    write_field(planning.with_array(np.zeros(planning.array.shape + (3,), np.float32)),
+                result / "displacement.mha")
+    return _row(spec, "before", _score(spec, case_dir, result), status="ok", seconds=0.0)
+
+
+def run_case(spec: CaseSpec, methods: List[Method], cases_dir: Path, results_dir: Path, spacing_mm: float,
+             timeout_s: float = 1800.0, log=None) -> List[Row]:
+    """Build (or reuse) the case, then run and score every method on it."""
+    log = log or (lambda text: print(text, flush=True))
+    case_dir = build_case(spec, cases_dir / spec.suite / spec.name, spacing_mm)
+    out = results_dir / spec.suite / spec.name
+    rows = [before_row(spec, case_dir, out)]
+    multimodal = bool(describe(case_dir)["multimodal"])
+    for method in methods:
+        if not method.available():
+            rows.append(Row(spec.suite, spec.name, method.name, "unavailable",
+                            f"the module {method.package} is not installed: run `python3 -m bench setup`"))
+        elif multimodal and method.same_modality_only:
+            rows.append(Row(spec.suite, spec.name, method.name, "not applicable",
+                            "assumes the same modality (intensity differences drive it)"))
+        else:
+            result = out / method.name
+            code, peak, tail = _run_child(method, case_dir, result, timeout_s)
+            run = json.loads((result / "run.json").read_text()) if (result / "run.json").exists() else {}
+            if code != 0 or "seconds" not in run:
+                msg = run.get("error") or tail.strip().splitlines()[-1:] or [f"exit {code}"]
+                rows.append(Row(spec.suite, spec.name, method.name, "failed", str(msg if isinstance(msg, str)
+                                                                                    else msg[0])[:300],
+                                peak_mb=peak))
+            else:
+                rows.append(_row(spec, method.name, _score(spec, case_dir, result), status="ok",
+                                 seconds=run["seconds"], peak_mb=peak))
+        r = rows[-1]
+        log(f"  {spec.suite:13s} {spec.name:22s} {r.method:12s} {r.status:8s} "
+            + (f"TRE {r.tre['mean']:6.2f} mm  {r.seconds:7.1f} s  {r.peak_mb:7.0f} MB" if r.status == "ok" and r.tre
+               else r.message[:90]))
+    return rows
+
+
+def save_rows(rows: List[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(asdict(r)) for r in rows) + "\n")
+
+
+def load_rows(path: Path) -> List[Row]:
+    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]

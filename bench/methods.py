@@ -1,0 +1,220 @@
+"""The registration methods the benchmark compares: ours and the tools a user would pick instead.
+
+Every method takes the fixed and moving image files and returns the mapping of
+fixed points to moving points as a total displacement field on the fixed grid
+(LPS mm, ``x -> x + u(x)``): the one convention every metric is computed from.
+Each peer runs with the settings its documentation recommends for the task
+(a rigid or affine start, then its deformable stage; mutual information when
+the images differ in modality) and with 2 threads (set by the harness through
+``OMP_NUM_THREADS`` and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``).
+
+Peers and their PyPI packages (installed by ``python -m bench setup``):
+ANTs SyN with CC and its quick MI variant (``antspyx``), elastix B-spline (``itk-elastix``), plastimatch
+B-spline (``plastimatch``, the engine behind SlicerRT's registration),
+SimpleITK diffeomorphic demons (``SimpleITK``, already an rtreg dependency),
+ConvexAdam (``convexadam``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import SimpleITK as sitk
+
+from rtreg.image import Volume, read_volume
+
+Runner = Callable[[Path, Path, Path, bool], Volume]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method in the comparison: its label, the module it needs and how to run it."""
+
+    name: str
+    label: str
+    package: str            # the Python module that must import (the PyPI package that provides it)
+    run: Runner             # (fixed, moving, work folder, multimodal) -> total displacement on the fixed grid
+    same_modality_only: bool = False
+    ours: bool = False
+    in_default: bool = True   # run by default (otherwise only with --full or when named)
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+
+def _field_volume(img: sitk.Image) -> Volume:
+    """A SimpleITK vector image (physical displacement, LPS mm) -> float32 field Volume."""
+    return Volume.from_sitk(sitk.Cast(img, sitk.sitkVectorFloat32), units="mm")
+
+
+# ---------------------------------------------------------------- ours
+def _rtreg(method: str) -> Runner:
+    def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+        from rtreg.case import RegisterOptions
+        from rtreg.methods import get_method
+        from rtreg.pipeline import load_case
+        case = load_case(str(fixed), str(moving))
+        options = RegisterOptions(device="cpu", similarity="mind" if multimodal else "auto")
+        result = get_method(method)(case, options, lambda f, m: None)
+        return result.transform.total_field(case.fixed.grid)
+    return run
+
+
+# ---------------------------------------------------------------- ANTs
+def _ants(quick: bool) -> Runner:
+    """``antsRegistrationSyN.sh``'s recipe: affine (Mattes MI), then SyN with CC radius 4 over 100x70x50x20
+    iterations at shrink factors 8x4x2x1; ``quick``: ``antsRegistrationSyNQuick.sh``'s, SyN with Mattes MI
+    over 100x70x50x0. Across modalities SyN uses Mattes MI in both."""
+    def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+        import ants
+        f, m = ants.image_read(str(fixed)), ants.image_read(str(moving))
+        cc = not (quick or multimodal)
+        reg = ants.registration(f, m, type_of_transform="SyN", syn_metric="CC" if cc else "mattes",
+                                syn_sampling=4 if cc else 32,
+                                reg_iterations=(100, 70, 50, 0) if quick else (100, 70, 50, 20),
+                                outprefix=str(work / "ants_"), verbose=False)
+        composed = ants.apply_transforms(f, m, transformlist=reg["fwdtransforms"],
+                                         compose=str(work / "ants_total_"))
+        return _field_volume(sitk.ReadImage(composed))
+    return run
+
+
+# ---------------------------------------------------------------- elastix
+def _elastix(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    import itk
+    f, m = itk.imread(str(fixed), itk.F), itk.imread(str(moving), itk.F)
+    params = itk.ParameterObject.New()
+    params.AddParameterMap(params.GetDefaultParameterMap("rigid"))
+    bspline = params.GetDefaultParameterMap("bspline")
+    bspline["FinalGridSpacingInPhysicalUnits"] = ["10.0"]
+    params.AddParameterMap(bspline)    # both use Mattes mutual information: fine for CT-CT and MR-CT
+    _, tparams = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
+                                                 output_directory=str(work))
+    field = itk.transformix_deformation_field(m, tparams)
+    arr = itk.array_from_image(field).astype(np.float32)
+    img = sitk.GetImageFromArray(arr, isVector=True)
+    ref = sitk.ReadImage(str(fixed))
+    img.CopyInformation(ref)
+    return _field_volume(img)
+
+
+# ---------------------------------------------------------------- plastimatch
+_PLASTIMATCH_STAGES = """
+[STAGE]
+xform=align_center
+[STAGE]
+xform=rigid
+optim=versor
+impl=itk
+metric={metric}
+max_its=60
+res=4 4 2
+[STAGE]
+xform=bspline
+impl=plastimatch
+optim=lbfgsb
+metric={metric}
+max_its=50
+grid_spac=40 40 40
+regularization_lambda=0.005
+res=4 4 2
+[STAGE]
+grid_spac=20 20 20
+max_its=50
+res=2 2 1
+[STAGE]
+grid_spac=10 10 10
+max_its=30
+res=1 1 1
+"""
+
+
+def _plastimatch(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    import plastimatch
+    exe = Path(plastimatch.__file__).parent / "bin" / "plastimatch"
+    vf = work / "plastimatch_vf.mha"
+    parms = work / "plastimatch.txt"
+    parms.write_text(f"[GLOBAL]\nfixed={fixed}\nmoving={moving}\nvf_out={vf}\n"
+                     + _PLASTIMATCH_STAGES.format(metric="mi" if multimodal else "mse"))
+    done = subprocess.run([str(exe), "register", str(parms)], capture_output=True, text=True, env=os.environ)
+    if done.returncode != 0 or not vf.exists():
+        raise RuntimeError(f"plastimatch failed ({done.returncode}): {done.stderr[-2000:] or done.stdout[-2000:]}")
+    return _field_volume(sitk.ReadImage(str(vf)))
+
+
+# ---------------------------------------------------------------- SimpleITK demons
+def _demons(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    """Rigid (Mattes MI, versor) then multi-resolution diffeomorphic demons on histogram-matched intensities
+    (ITK's recommended set-up for the demons family, which assumes the same modality)."""
+    f = sitk.Cast(sitk.ReadImage(str(fixed)), sitk.sitkFloat32)
+    m = sitk.Cast(sitk.ReadImage(str(moving)), sitk.sitkFloat32)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(50)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.05, seed=1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-3, 150)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    init = sitk.CenteredTransformInitializer(f, m, sitk.VersorRigid3DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg.SetInitialTransform(init, inPlace=False)
+    rigid = reg.Execute(f, m)
+    m_on_f = sitk.Resample(m, f, rigid, sitk.sitkLinear, float(np.min(sitk.GetArrayViewFromImage(m))))
+    m_on_f = sitk.HistogramMatching(m_on_f, f, 1024, 7, True)
+    field = None
+    for shrink, iters in ((4, 60), (2, 40), (1, 20)):
+        fs = sitk.Shrink(f, [shrink] * 3) if shrink > 1 else f
+        ms = sitk.Resample(m_on_f, fs)
+        init_field = (sitk.Resample(field, fs, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+                      if field is not None else sitk.Image(fs.GetSize(), sitk.sitkVectorFloat64))
+        init_field.CopyInformation(fs)
+        demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+        demons.SetNumberOfIterations(iters)
+        demons.SetStandardDeviations(1.5)
+        demons.SetSmoothDisplacementField(True)
+        field = demons.Execute(fs, ms, sitk.Cast(init_field, sitk.sitkVectorFloat64))
+    # total mapping: x -> rigid(x + u(x)), sampled on the fixed grid
+    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    total = sitk.CompositeTransform([rigid, disp])
+    out = sitk.TransformToDisplacementFieldFilter()
+    out.SetReferenceImage(f)
+    out.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return _field_volume(out.Execute(total))
+
+
+# ---------------------------------------------------------------- ConvexAdam
+def _convexadam(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    """ConvexAdam (MIND-SSC, coupled convex optimisation + Adam) with its default settings, on the fixed
+    grid; the moving image is resampled there first, as its pipeline expects."""
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+    f = sitk.ReadImage(str(fixed), sitk.sitkFloat32)
+    m = sitk.Resample(sitk.ReadImage(str(moving), sitk.sitkFloat32), f, sitk.Transform(), sitk.sitkLinear,
+                      0.0)
+    disp = convex_adam_pt(f, m, device=torch.device("cpu"))   # voxels along the (z, y, x) array axes
+    vol = read_volume(fixed)
+    u_ijk = np.asarray(disp, np.float64)[..., ::-1]
+    u_mm = u_ijk @ vol.grid.affine[:3, :3].T
+    return Volume(u_mm.astype(np.float32), vol.grid.affine.copy(), {"units": "mm"})
+
+
+METHODS: List[Method] = [
+    Method("io", "rtreg io (baseline)", "rtreg", _rtreg("io"), ours=True),
+    Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
+    Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
+    Method("elastix", "elastix B-spline", "itk", _elastix),
+    Method("plastimatch", "plastimatch B-spline", "plastimatch", _plastimatch),
+    Method("demons", "SimpleITK diffeomorphic demons", "SimpleITK", _demons, same_modality_only=True),
+    Method("convexadam", "ConvexAdam", "convexAdam", _convexadam),
+]
+
+
+def by_name() -> Dict[str, Method]:
+    return {m.name: m for m in METHODS}

@@ -1,0 +1,225 @@
+"""The benchmark's four suites: cases with a known truth, written as ``rtreg eval`` reads them.
+
+Every case folder holds ``planning_ct.nii.gz`` (fixed), ``repeat_ct.nii.gz``
+(moving; an MR in the multimodal suite), ``structures/`` on the fixed image,
+``truth_structures_on_repeat/``, ``points_planning.csv`` and
+``points_repeat_truth.csv`` (LPS mm), ``truth_transform.h5`` and ``case.json``
+(suite, description, whether the pair is multimodal).
+
+* ``rt-phantom``: synthetic pelvis, thorax and head-and-neck phantoms with setup
+  error, organ motion, bladder/rectum filling, tumour shrinkage and weight loss.
+* ``real-anatomy``: real CTs from ``../shared/data`` (thorax CT, DCPT head
+  phantom, TotalSegmentator abdomen) with breathing, soft-tissue or weight-loss
+  deformations plus a rigid setup error; 300 keypoints inside the body.
+* ``multimodal``: IBSI soft-tissue sarcoma T1 MR (co-registered to its CT by
+  construction) deformed by a known field; fixed = CT, moving = MR.
+* ``large-offset``: real CTs moved by up to 60 mm and 15 degrees and seen
+  through a cropped field of view.
+
+Real CTs are resampled to the suite's spacing (3 mm by default, 2 mm with
+``--full``) and cropped to the body (15 mm margin) before the deformation is
+applied, so every method sees the same voxels.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+from scipy import ndimage
+
+from rtreg.dicomrt import Structure, read_rtstruct
+from rtreg.image import Volume, crop_to_mask, read_volume, resample
+from rtreg.priors import body_mask
+from rtreg.synth import SyntheticCase, deform_real_ct, large_offset_case, rt_phantom, write_case
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+SUITES = ("rt-phantom", "real-anatomy", "multimodal", "large-offset")
+_COLORS = [(255, 0, 0), (0, 200, 0), (0, 128, 255), (255, 200, 0), (255, 0, 255), (0, 255, 255)]
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One benchmark case: how to build it, and whether the default subset includes it."""
+
+    suite: str
+    name: str
+    description: str
+    build: Callable[[float], SyntheticCase]
+    needs: Optional[Path] = None       # data the case is made from (the case is skipped without it)
+    default: bool = True               # in the default subset (otherwise only with --full)
+    multimodal: bool = False
+
+    @property
+    def available(self) -> bool:
+        return self.needs is None or self.needs.exists()
+
+
+# ---------------------------------------------------------------- real images with their structures
+def _as_ct(volume: Volume) -> Volume:
+    volume.meta.update(modality="CT", units="HU")
+    return volume
+
+
+def _on_spacing(volume: Volume, spacing_mm: float) -> Volume:
+    return resample(volume, volume.grid.with_spacing(spacing_mm)) if spacing_mm else volume
+
+
+def _body_region(ct: Volume, spacing_mm: float) -> Volume:
+    """A real CT at the suite's spacing, cropped to its body with a 15 mm margin (the couch and the air of
+    a 50 cm field of view cost every method time and say nothing about registration)."""
+    ct = _on_spacing(ct, spacing_mm)
+    return crop_to_mask(ct, body_mask(ct), margin_mm=15.0)
+
+
+def _structure(name: str, number: int, mask: np.ndarray) -> Structure:
+    return Structure(name, number, _COLORS[(number - 1) % len(_COLORS)], mask.astype(np.uint8))
+
+
+def _body(ct: Volume) -> Structure:
+    return _structure("BODY", 1, body_mask(ct))
+
+
+def thorax(spacing_mm: float):
+    """Thorax CT with BODY and the lungs (threshold below -400 HU inside the body, two largest parts)."""
+    ct = _body_region(_as_ct(read_volume(DATA / "thorax_ct" / "ct_phase00.nii.gz")), spacing_mm)
+    body = body_mask(ct).astype(bool)
+    lungs = ndimage.binary_opening((ct.array < -400) & body, iterations=1)
+    labels, n = ndimage.label(lungs)
+    sizes = ndimage.sum_labels(lungs, labels, np.arange(1, n + 1))
+    lungs = np.isin(labels, np.argsort(sizes)[::-1][:2] + 1)
+    return ct, [_structure("BODY", 1, body), _structure("Lungs", 2, lungs)]
+
+
+def dcpt(spacing_mm: float):
+    """DCPT head phantom CT with its RTSTRUCT ROIs BODY, CTV and BrainStem."""
+    folder = DATA / "dcpt_headphantom" / "DCPT_headphantom"
+    ct = _body_region(read_volume(folder), spacing_mm)
+    rs = next(f for f in sorted(folder.iterdir()) if f.name.startswith("RS"))
+    return ct, read_rtstruct(rs, ct, names=["BODY", "CTV", "BrainStem"])
+
+
+# TotalSegmentator class ids (the same in its v1 and v2 class maps)
+_TOTALSEG_ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver", 6: "stomach"}
+
+
+def totalseg(spacing_mm: float):
+    """TotalSegmentator abdominal CT (its 30-slice example, which the label map covers) with BODY and
+    five organs."""
+    folder = DATA / "totalsegmentator"
+    ct = _body_region(_as_ct(read_volume(folder / "example_ct_sm.nii.gz")), spacing_mm)
+    seg = read_volume(folder / "example_seg.nii.gz")
+    structs = [_body(ct)]
+    for i, (label, name) in enumerate(_TOTALSEG_ORGANS.items(), start=2):
+        m = resample(seg.with_array((seg.array == label).astype(np.uint8)), ct.grid, "mask").array
+        if m.any():
+            structs.append(_structure(name, i, m))
+    return ct, structs
+
+
+def sts(patient: str, spacing_mm: float):
+    """IBSI STS patient: CT (fixed) and T1 MR on their own grids in one frame, with the CT's GTV."""
+    folder = DATA / "ibsi_sts" / "nifti" / patient
+    ct = _on_spacing(_as_ct(read_volume(folder / "CT_image.nii.gz")), spacing_mm)
+    mr = _on_spacing(read_volume(folder / "MR_T1_image.nii.gz"), spacing_mm)
+    mr.meta.update(modality="MR", units="")
+    gtv = read_volume(folder / "CT_mask.nii.gz")
+    return ct, mr, [_structure("GTV", 1, resample(gtv, ct.grid, "mask").array)]
+
+
+# ---------------------------------------------------------------- the cases
+def _phantom(site: str, seed: int, severity: float = 1.0) -> Callable[[float], SyntheticCase]:
+    return lambda spacing: rt_phantom(site, seed=seed, spacing_mm=max(spacing, 3.0), severity=severity)
+
+
+def _deformed(load, kind: str, seed: int, amplitude: float) -> Callable[[float], SyntheticCase]:
+    def build(spacing: float) -> SyntheticCase:
+        ct, structs = load(spacing)
+        return deform_real_ct(ct, kind, seed=seed, amplitude_mm=amplitude, structures=structs)
+    return build
+
+
+def _multimodal(patient: str, seed: int, amplitude: float) -> Callable[[float], SyntheticCase]:
+    def build(spacing: float) -> SyntheticCase:
+        ct, mr, structs = sts(patient, spacing)
+        # the MR and CT share one frame (IBSI: the MR GTV resampled onto the CT has Dice 1.000), so the
+        # CT's GTV carried through the deformation onto the MR grid is the GTV the deformed MR shows
+        case = deform_real_ct(ct, "soft_tissue", seed=seed, amplitude_mm=amplitude, structures=structs,
+                              moving_source=mr, field_spacing_mm=2.0)
+        return case
+    return build
+
+
+def _offset(load, seed: int, keep: float) -> Callable[[float], SyntheticCase]:
+    def build(spacing: float) -> SyntheticCase:
+        ct, structs = load(spacing)
+        return large_offset_case(ct, seed=seed, keep_fraction=keep, structures=structs)
+    return build
+
+
+def cases() -> List[CaseSpec]:
+    """Every case of every suite (the default subset and the --full extras)."""
+    thorax_needs = DATA / "thorax_ct" / "ct_phase00.nii.gz"
+    dcpt_needs = DATA / "dcpt_headphantom" / "DCPT_headphantom"
+    ts_needs = DATA / "totalsegmentator" / "example_ct_sm.nii.gz"
+    out = []
+    for i, (site, seed) in enumerate([("pelvis", 11), ("thorax", 12), ("headneck", 13),
+                                      ("pelvis", 21), ("thorax", 22), ("headneck", 23)]):
+        out.append(CaseSpec("rt-phantom", f"{site}-{seed}",
+                            f"{site} phantom, seed {seed}: setup error, organ motion, filling, weight loss",
+                            _phantom(site, seed, 1.0 if i < 3 else 1.5), default=i < 3))
+    out += [
+        CaseSpec("real-anatomy", "thorax-breathing", "thorax CT, breathing 10 mm with sliding + setup error",
+                 _deformed(thorax, "breathing", 1, 10.0), thorax_needs),
+        CaseSpec("real-anatomy", "dcpt-soft-tissue", "DCPT head phantom, soft tissue 8 mm + setup error",
+                 _deformed(dcpt, "soft_tissue", 3, 8.0), dcpt_needs),
+        CaseSpec("real-anatomy", "abdomen-weight-loss", "TotalSegmentator abdomen, weight loss 8 mm + setup error",
+                 _deformed(totalseg, "weight_loss", 5, 8.0), ts_needs),
+        CaseSpec("real-anatomy", "dcpt-weight-loss", "DCPT head phantom, weight loss 6 mm + setup error",
+                 _deformed(dcpt, "weight_loss", 6, 6.0), dcpt_needs, default=False),
+        CaseSpec("real-anatomy", "abdomen-soft-tissue", "TotalSegmentator abdomen, soft tissue 8 mm + setup error",
+                 _deformed(totalseg, "soft_tissue", 7, 8.0), ts_needs, default=False),
+    ]
+    for j, patient in enumerate(("STS_001", "STS_002", "STS_003")):
+        out.append(CaseSpec("multimodal", f"sts{j + 1}-mr-to-ct",
+                            f"IBSI {patient}: T1 MR with a 6 mm soft-tissue deformation + setup error, to CT",
+                            _multimodal(patient, 30 + j, 6.0), DATA / "ibsi_sts" / "nifti" / patient,
+                            default=j == 0, multimodal=True))
+    out += [
+        CaseSpec("large-offset", "thorax-offset", "thorax CT moved 60 mm / up to 15 deg, 60 % field of view",
+                 _offset(thorax, 41, 0.6), thorax_needs, default=False),
+        CaseSpec("large-offset", "dcpt-offset", "DCPT head moved 60 mm / up to 15 deg, 70 % field of view",
+                 _offset(dcpt, 42, 0.7), dcpt_needs),
+        CaseSpec("large-offset", "abdomen-offset", "abdomen CT moved 60 mm / up to 15 deg, 80 % field of view",
+                 _offset(totalseg, 43, 0.8), ts_needs, default=False),
+    ]
+    return out
+
+
+def select(suites: List[str], full: bool, only: Optional[List[str]] = None) -> List[CaseSpec]:
+    """The cases of ``suites`` (default subset unless ``full``; ``only``: case names)."""
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        raise SystemExit(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
+    return [c for c in cases() if c.suite in suites and (full or c.default) and (not only or c.name in only)]
+
+
+def build_case(spec: CaseSpec, folder: Path, spacing_mm: float) -> Path:
+    """Write ``spec``'s case into ``folder`` (kept if it is already complete for this spacing)."""
+    info = {"suite": spec.suite, "name": spec.name, "description": spec.description,
+            "multimodal": spec.multimodal, "spacing_mm": spacing_mm}
+    marker = folder / "case.json"
+    if marker.exists() and json.loads(marker.read_text()).get("spacing_mm") == spacing_mm:
+        return folder
+    case = spec.build(spacing_mm)
+    write_case(case, folder)
+    info.update(case.notes, points=int(len(case.points_planning)),
+                tre_before_mm=float(np.linalg.norm(case.points_planning - case.points_repeat, axis=1).mean()))
+    marker.write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def describe(folder: Path) -> Dict:
+    return json.loads((folder / "case.json").read_text())
