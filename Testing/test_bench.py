@@ -35,7 +35,7 @@ def test_harness_runs_a_peer_and_scores_it(tmp_path):
     # the peer's mapping is read in the engine's convention: a sign or axis error would not beat "before"
     assert demons.tre["mean"] < 0.6 * before.tre["mean"]
     assert demons.structures["CTV"]["dice"] > before.structures["CTV"]["dice"]
-    assert demons.seconds > 0 and demons.peak_mb > 50          # measured in the child process
+    assert demons.seconds > 0 and 50 < demons.peak_mb < 4000    # measured in the child process
     assert len(demons.point_errors) == 60
     assert absent.status == "unavailable" and "bench setup" in absent.message
     eval_json = json.loads((tmp_path / "results" / "rt-phantom" / "tiny-headneck" / "demons" / "eval.json").read_text())

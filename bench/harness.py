@@ -1,8 +1,8 @@
 """Run methods on cases, each in its own process, and score every output the same way.
 
 For every (case, method): the method runs in a child process (``bench.run_one``)
-with 2 threads; its wall time comes from the child, its peak resident memory
-from ``os.wait4`` (the child and the processes it waited for). The harness
+with 2 threads; its wall time and its peak resident memory (with the programs it
+starts) come from the child. The harness
 then carries the case's fixed-image structures onto the moving grid through the
 inverse of the method's mapping (the same code ``rtreg register`` uses) and
 scores the output with ``rtreg.evaluation.evaluate_result``. A method that
@@ -15,7 +15,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -74,27 +73,21 @@ def machine() -> Dict:
 
 
 def _run_child(method: Method, case_dir: Path, out: Path, timeout_s: float) -> tuple:
-    """(returncode, peak resident MB, stderr tail) of ``bench.run_one`` for this method and case."""
+    """(returncode, tail of its log) of ``bench.run_one`` for this method and case; -9 when it timed out."""
     log = out / "child.log"
     out.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "bench.run_one", "--method", method.name,
                                  "--case", str(case_dir.resolve()), "--out", str(out.resolve())], cwd=out,
-                                env=thread_environment(), stdout=fh, stderr=subprocess.STDOUT)
-        t0 = time.monotonic()
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - t0 > timeout_s:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                return -9, usage.ru_maxrss / 1024.0, f"timed out after {timeout_s:.0f} s"
-            time.sleep(0.2)
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
-    return code, usage.ru_maxrss / 1024.0, log.read_text()[-1500:]
+                                env=thread_environment(), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return -9, f"timed out after {timeout_s:.0f} s"
+    return code, log.read_text()[-1500:]
 
 
 def _score(spec: CaseSpec, case_dir: Path, result: Path) -> Dict:
@@ -140,16 +133,16 @@ def run_case(spec: CaseSpec, methods: List[Method], cases_dir: Path, results_dir
                             "assumes the same modality (intensity differences drive it)"))
         else:
             result = out / method.name
-            code, peak, tail = _run_child(method, case_dir, result, timeout_s)
+            code, tail = _run_child(method, case_dir, result, timeout_s)
             run = json.loads((result / "run.json").read_text()) if (result / "run.json").exists() else {}
             if code != 0 or "seconds" not in run:
                 msg = run.get("error") or tail.strip().splitlines()[-1:] or [f"exit {code}"]
                 rows.append(Row(spec.suite, spec.name, method.name, "failed", str(msg if isinstance(msg, str)
                                                                                     else msg[0])[:300],
-                                peak_mb=peak))
+                                peak_mb=run.get("peak_mb")))
             else:
                 rows.append(_row(spec, method.name, _score(spec, case_dir, result), status="ok",
-                                 seconds=run["seconds"], peak_mb=peak))
+                                 seconds=run["seconds"], peak_mb=run["peak_mb"]))
         r = rows[-1]
         log(f"  {spec.suite:13s} {spec.name:22s} {r.method:12s} {r.status:8s} "
             + (f"TRE {r.tre['mean']:6.2f} mm  {r.seconds:7.1f} s  {r.peak_mb:7.0f} MB" if r.status == "ok" and r.tre

@@ -67,7 +67,7 @@ def _fmt(v, spec: str = ".2f", none: str = "-") -> str:
 
 
 def suite_table(summary: Dict[str, Dict]) -> str:
-    head = ("| method | cases | TRE mean | TRE median | TRE p95 | Dice | HD95 | target abs RVD | % abs J <= 0 "
+    head = ("| method | cases | TRE mean | TRE median | TRE p95 | Dice | HD95 | target RVD (abs) | % J <= 0 "
             "| time / case | peak memory |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for method, s in summary.items():

@@ -69,6 +69,12 @@ def warp(moving: torch.Tensor, u_mm: torch.Tensor, grid: Grid, padding: str = "b
     return sample_at_index(moving, identity_index(shape, moving.device) + du, padding)
 
 
+def compose_fields(u_first: torch.Tensor, u_second: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The field of warping by ``u_second`` an image already warped by ``u_first`` (both (1, 3, z, y, x) mm on
+    ``grid``): m(x + w(x)) with w(x) = u_second(x) + u_first(x + u_second(x))."""
+    return u_second + warp(u_first, u_second, grid)
+
+
 def resize_field(u: torch.Tensor, shape_zyx) -> torch.Tensor:
     """Trilinear resize of a (1, 3, z, y, x) mm field to another grid over the same extent (values kept: mm)."""
     if tuple(u.shape[2:]) == tuple(shape_zyx):

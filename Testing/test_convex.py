@@ -1,0 +1,44 @@
+"""The coupled convex stage (GlideReg's discrete step) and field composition in torch."""
+import numpy as np
+import torch
+from scipy import ndimage
+
+from conftest import smooth_image
+from rtreg.convex import candidate_offsets, control_field_mm, coupled_convex
+from rtreg.image import Grid
+from rtreg.losses import mind_ssc
+from rtreg.spatial import compose_fields, to_tensor, warp
+
+
+def test_convex_stage_recovers_a_known_integer_shift():
+    grid = Grid.from_geometry((40, 44, 48), (2.0, 2.0, 2.0))
+    fixed = smooth_image(grid, seed=3).array
+    shift_ijk = np.array([4, -2, 2])        # voxels along x, y, z: whole steps of the 2-voxel control grid
+    moving = np.roll(fixed, tuple(shift_ijk[::-1]), axis=(0, 1, 2))   # moving(x + s) = fixed(x)
+    f_t, m_t = to_tensor(fixed, torch.device("cpu")), to_tensor(moving, torch.device("cpu"))
+    u = control_field_mm(mind_ssc(f_t), mind_ssc(m_t), grid, step=2, radius=4)
+    inner = u[0, :, 10:-10, 10:-10, 10:-10].reshape(3, -1)
+    np.testing.assert_allclose(inner.median(1).values.numpy(), shift_ijk * 2.0, atol=0.5)
+    assert (inner - torch.tensor(shift_ijk * 2.0)[:, None]).abs().max() < 2.0 + 1e-4   # within one voxel
+
+
+def test_coupling_smooths_an_isolated_wrong_choice():
+    offsets = candidate_offsets(1, torch.device("cpu")).float()
+    cost = ((offsets[:, :, None, None, None] - torch.tensor([1.0, 0, 0])[:, None, None, None]) ** 2).sum(1)
+    cost = cost.expand(-1, 6, 6, 6).clone()
+    cost[:, 3, 3, 3] = ((offsets - torch.tensor([-1.0, 0, 0])) ** 2).sum(1)   # one control point disagrees
+    u = coupled_convex(cost, offsets)
+    assert u[0, 0, 3, 3, 3] > 0.5 and torch.allclose(u[0, 0, 0, 0, 0], torch.tensor(1.0))
+
+
+def test_composed_field_equals_the_sequential_warp():
+    grid = Grid.from_geometry((24, 26, 28), (1.5, 2.0, 2.5))
+    smoother = ndimage.gaussian_filter(smooth_image(grid, seed=1).array, 3.0)   # so that resampling twice
+    image = to_tensor(smoother, torch.device("cpu"))                              # costs little detail
+    gen = torch.Generator().manual_seed(0)
+    u1, u2 = [torch.nn.functional.interpolate(3 * torch.randn(1, 3, 4, 4, 4, generator=gen), size=grid.shape,
+                                              mode="trilinear", align_corners=True) for _ in range(2)]
+    sequential = warp(warp(image, u1, grid), u2, grid)
+    once = warp(image, compose_fields(u1, u2, grid), grid)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    assert (sequential - once)[inner].abs().max() < 0.02 * image.abs().max()
