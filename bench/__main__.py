@@ -70,7 +70,8 @@ def run(args) -> int:
         return 1
     info = machine()
     (report / "machine.json").write_text(json.dumps(info, indent=2))
-    command = "python3 -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    python = "bench/.venv/bin/python" if Path(sys.prefix).resolve() == VENV.resolve() else "python3"
+    command = f"{python} -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = write_report(rows, report, command, info, time.perf_counter() - t0)
     print(text)
     if args.update_readme:
