@@ -42,3 +42,20 @@ def test_composed_field_equals_the_sequential_warp():
     once = warp(image, compose_fields(u1, u2, grid), grid)
     inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
     assert (sequential - once)[inner].abs().max() < 0.02 * image.abs().max()
+
+
+def test_adam_refinement_reaches_a_sub_voxel_shift_the_convex_grid_cannot():
+    from rtreg.convex import adam_refine
+    grid = Grid.from_geometry((32, 32, 32), (2.0, 2.0, 2.0))
+    base = ndimage.gaussian_filter(smooth_image(grid, seed=5).array, 2.0)
+    shift_mm = np.array([3.0, -1.0, 0.0])                                  # 1.5 and -0.5 voxels along x, y
+    moving = ndimage.shift(base, (0.0, -0.5, 1.5), order=3, mode="nearest")  # moving(x + s) = fixed(x)
+    f = mind_ssc(to_tensor(base, torch.device("cpu")))
+    m = mind_ssc(to_tensor(moving, torch.device("cpu")))
+    start = control_field_mm(f, m, grid, step=2, radius=2)                 # whole steps of 4 mm only
+    u = adam_refine([(f, m)], start, grid, [1.0], bending_weight=0.1, iterations=80)
+
+    def median_error(field):
+        return np.abs(field[0, :, 8:-8, 8:-8, 8:-8].reshape(3, -1).median(1).values.numpy() - shift_mm).max()
+
+    assert median_error(u) < 0.5 and median_error(u) < median_error(start)

@@ -1,4 +1,4 @@
-"""Coupled convex discrete optimisation of a displacement field from feature maps (torch).
+"""Coupled convex discrete optimisation of a displacement field from feature maps, then Adam (torch).
 
 The stage GlideReg runs on its global and its local features (after Heinrich's
 ConvexAdam, written here as small functions with units in the names):
@@ -11,7 +11,10 @@ ConvexAdam, written here as small functions with units in the names):
 3. :func:`coupled_convex`: alternately the best candidate per control point and
    a smoothed field, the two coupled ever more strongly, so that the result is
    both data-driven and smooth (a global regulariser without gradient descent);
-4. :func:`control_field_mm`: the field in LPS mm on the working grid.
+4. :func:`control_field_mm`: the field in LPS mm on the working grid;
+5. :func:`adam_refine`: instance optimisation of that field on a smoothed
+   half-resolution control grid (weighted feature SSD + bending energy), which
+   reaches what the discrete candidates cannot (sub-step motion).
 
 Shapes: features (1, C, z, y, x); cost (D, Z, Y, X) with D candidates;
 displacements (1, 3, ...) with components (x, y, z) in LPS mm, as
@@ -101,3 +104,28 @@ def _upsample_patch_field(u_coarse: torch.Tensor, shape_zyx, step: int) -> torch
     pad = [0, shape_zyx[2] - full[2], 0, shape_zyx[1] - full[1], 0, shape_zyx[0] - full[0]]
     u = F.pad(u, pad, mode="replicate")
     return resize_field(u, shape_zyx)
+
+
+def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weights: Sequence[float],
+                bending_weight: float, iterations: int, lr_mm: float = 0.5) -> torch.Tensor:
+    """Instance optimisation after the convex stage: Adam on a half-resolution control field, smoothed and
+    upsampled to ``grid``, minimising sum_k weights[k] * SSD(fixed_k, moving_k(x + u)) + bending_weight *
+    bending energy (1/mm). ``pairs``: (fixed, moving) feature maps (1, C, z, y, x) on ``grid``;
+    ``u_init`` (1, 3, z, y, x) LPS mm. Returns the refined (1, 3, z, y, x) field (mm, detached)."""
+    from .losses import bending_energy
+    from .spatial import smooth, warp
+    shape = u_init.shape[2:]
+    half = [max(2, (n + 1) // 2) for n in shape]
+    control = resize_field(u_init.detach(), half).clone().requires_grad_(True)
+    opt = torch.optim.Adam([control], lr=lr_mm)
+    spacing = [float(s) for s in grid.spacing]
+    for _ in range(iterations):
+        opt.zero_grad()
+        u = smooth(resize_field(control, shape))
+        loss = bending_weight * bending_energy(u, spacing)
+        for w, (fixed, moving) in zip(weights, pairs):
+            loss = loss + w * ((fixed - warp(moving, u, grid)) ** 2).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return smooth(resize_field(control, shape))
