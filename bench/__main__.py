@@ -97,7 +97,7 @@ def main() -> int:
     r.add_argument("--methods", default="", help="comma-separated method names (default: the default set; "
                    "--full: all)")
     r.add_argument("--cases", default="", help="comma-separated case names (default: all of the suites)")
-    r.add_argument("--full", action="store_true", help="every case, at 2 mm (default: the subset at 3 mm)")
+    r.add_argument("--full", action="store_true", help="every case and every method, real images at 2 mm (default: the subset at 3 mm)")
     r.add_argument("--spacing", type=float, default=None, help="resample real images to this spacing (mm)")
     r.add_argument("--work", default="bench_work", help="cases and method outputs (large; not committed)")
     r.add_argument("--out", default=str(BENCH / "results"), help="report folder (tables, plots, rows)")
