@@ -81,6 +81,7 @@ def test_roles_name_structures_or_fail_clearly(case_dir, tmp_path, capsys):
     from rtreg.pipeline import load_case
     fixed, moving = str(case_dir / "planning_ct.nii.gz"), str(case_dir / "repeat_ct.nii.gz")
     case = load_case(fixed, moving, structures=str(case_dir / "structures"), target="ctv", oars=["brainstem"])
+    case.validate("rigid")
     assert case.target == "CTV" and case.oars == ["Brainstem"]
     assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o"),
                  "--fixed-structures", str(case_dir / "structures"), "--target", "PTV_70"]) == 2
@@ -95,6 +96,7 @@ def test_role_guessing_follows_planning_names():
     from rtreg.roles import guess_roles
     names = ["BODY", "CTV", "BrainStem", "M1", "M7", "Beekley", "PTV_CTV", "Couch"]
     assert guess_roles(names) == ("CTV", ["BrainStem"], "BODY")
+    assert guess_roles(["PTV_CTV", "HighRisk_CTV", "Bladder"]) == ("HighRisk_CTV", ["Bladder"], None)
     assert guess_roles(["External", "GTVp", "Lung L", "PTV"]) == ("GTVp", ["Lung L"], "External")
     assert guess_roles(["Heart", "Cord"]) == (None, ["Heart", "Cord"], None)
 

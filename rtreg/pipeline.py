@@ -25,7 +25,7 @@ from .image import Volume, read_volume, resample, write_volume
 from .methods import get_method
 from .metrics import jacobian_stats, mse, ncc, ssim
 from .priors import body_mask
-from .roles import find, guess_roles, safe_name
+from .roles import guess_roles, safe_name
 from . import qa
 
 _PALETTE = [(255, 0, 0), (0, 255, 0), (0, 128, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
@@ -110,8 +110,8 @@ def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structu
         case.structures = load_structures(Path(structures), f, allow_frame_mismatch)
         names = [st.name for st in case.structures]
         guessed_target, guessed_oars, _ = guess_roles(names)
-        case.target = find(names, target, "target") if target else guessed_target
-        case.oars = [find(names, o, "organ at risk") for o in oars] if oars is not None else guessed_oars
+        case.target = target or guessed_target          # named roles are matched in RegistrationCase.validate
+        case.oars = list(oars) if oars is not None else guessed_oars
     elif target or oars:
         raise InputError("--target/--oars name structures, but no --fixed-structures were given; add them")
     if dose:

@@ -37,8 +37,11 @@ def guess_roles(names: Sequence[str]) -> Tuple[Optional[str], List[str], Optiona
     CTV (else GTV, else PTV); the body is BODY/External/Outline/Skin; every other structure is an organ at
     risk (planning volumes, markers and couch are left out)."""
     low = {n: n.lower() for n in names}
-    target = next((n for kind in ("ctv", "gtv", "ptv") for n in names if low[n].startswith(kind) or
-                   re.search(rf"(^|[^a-z]){kind}", low[n])), None)
+    def named(kind: str, n: str) -> bool:   # "CTV_High", or "HighRisk_CTV" but not "PTV_CTV"
+        return low[n].startswith(kind) or (re.search(rf"[^a-z]{kind}", low[n]) is not None
+                                           and not low[n].startswith(("ptv", "itv")))
+    target = next((n for kind in ("ctv", "gtv") for n in names if named(kind, n)), None) or \
+        next((n for n in names if low[n].startswith("ptv")), None)
     body = next((n for n in names if low[n] in BODY_NAMES), None)
     skip = ("ctv", "gtv", "ptv", "itv", "marker", "couch", "table", "bolus", "isocent", "beekley", "ring")
     oars = [n for n in names if n not in (target, body) and not any(k in low[n] for k in skip)
