@@ -10,7 +10,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import data_path
-from rtreg.dicomrt import read_dicom_series, read_rtdose, read_rtplan, read_rtstruct
+from rtreg.dicomrt import read_dicom_series, read_rtdose, read_rtplan, read_rtstruct, write_rtstruct
 from rtreg.errors import InputError
 from rtreg.image import Grid, Volume, read_volume, resample
 from rtreg.metrics import dice
@@ -212,3 +212,34 @@ def test_write_dicom_series_round_trip(tmp_path):
     assert back.meta["modality"] == "CT" and back.meta["frame_of_reference"] == "1.2.826.0.1.5"
     with pytest.raises(InputError, match="16-bit"):
         write_dicom_series(vol.with_array(vol.array * 1000.0), tmp_path / "big")
+
+
+def test_mask_contours_fill_back_to_the_mask_with_holes_and_diagonals():
+    from scipy import ndimage
+    from rtreg.dicomrt import _fill_polygon, mask_contours
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        m = rng.random((20, 25)) > 0.5 if trial % 2 else ndimage.binary_opening(rng.random((20, 25)) > 0.45)
+        back = np.zeros(m.shape, np.uint8)
+        for loop in mask_contours(m):
+            back ^= _fill_polygon(loop[:, 0], loop[:, 1], *m.shape)
+        assert np.array_equal(back, m), trial
+    ring = np.zeros((10, 10), bool)
+    ring[2:8, 2:8], ring[4:6, 4:6] = True, False
+    assert sorted(len(c) for c in mask_contours(ring)) == [4, 4]          # outer square and the hole, corners only
+
+
+def test_rtstruct_written_on_the_dcpt_ct_reads_back_identically(tmp_path):
+    folder = data_path("dcpt_headphantom", "DCPT_headphantom")
+    ct = read_dicom_series(folder)
+    rs = next(f for f in sorted(folder.iterdir()) if f.name.startswith("RS"))
+    structs = read_rtstruct(rs, ct, names=["CTV", "BrainStem"])
+    path = write_rtstruct(structs, ct, tmp_path / "rs.dcm")
+    back = {s.name: s.mask for s in read_rtstruct(path, ct)}
+    for s in structs:
+        assert dice(back[s.name], s.mask) == 1.0
+    import pydicom
+    ds = pydicom.dcmread(path)
+    ref = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == ct.meta["series_uid"] and len(ref.ContourImageSequence) == ct.array.shape[0]
+    assert ds.FrameOfReferenceUID == ct.meta["frame_of_reference"]

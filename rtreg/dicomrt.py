@@ -4,6 +4,7 @@ All positions are DICOM patient coordinates (LPS mm), the engine's world space.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -11,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from .errors import InputError
@@ -77,6 +79,7 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> Vol
         "modality": modality, "units": "HU" if modality == "CT" else "",
         "frame_of_reference": str(h0.get("FrameOfReferenceUID", "")),
         "series_uid": sid, "sop_uids": [str(h.get("SOPInstanceUID", "")) for h in headers],
+        "sop_class_uid": str(h0.get("SOPClassUID", "")), "study_uid": str(h0.get("StudyInstanceUID", "")),
         "patient_id": str(h0.get("PatientID", "")), "name": str(h0.get("SeriesDescription", "") or modality),
         "path": str(folder)})
 
@@ -242,6 +245,135 @@ def _rasterise(contours, grid: Grid):
         inside = True
         mask[k, j0:j1 + 1, i0:i1 + 1] ^= _fill_polygon(ijk[:, 0] - i0, ijk[:, 1] - j0, j1 - j0 + 1, i1 - i0 + 1)
     return mask, inside
+
+
+def mask_contours(mask2d: np.ndarray) -> List[np.ndarray]:
+    """Closed loops (n, 2) of pixel-corner (i, j) indices tracing the boundary of a 2-D mask (rows j, columns
+    i), inside on the left. Filled with the even-odd rule (centre inside), the loops give back the mask
+    exactly, holes included, whichever way ambiguous (diagonal) corners are chained."""
+    m = np.pad(mask2d > 0, 1)
+    edges: Dict[tuple, List[tuple]] = {}
+    # horizontal edges between rows r-1 and r (padded indices): inside below -> run along +i
+    rows, cols = np.nonzero(m[1:, :] != m[:-1, :])
+    for r, c in zip(rows + 1, cols):
+        a, b = (c - 0.5, r - 0.5), (c + 0.5, r - 0.5)
+        a, b = (a, b) if m[r, c] else (b, a)
+        edges.setdefault(a, []).append(b)
+    rows, cols = np.nonzero(m[:, 1:] != m[:, :-1])
+    for r, c in zip(rows, cols + 1):
+        a, b = (c - 0.5, r + 0.5), (c - 0.5, r - 0.5)
+        a, b = (a, b) if m[r, c] else (b, a)
+        edges.setdefault(a, []).append(b)
+    loops = []
+    while edges:
+        start = next(iter(edges))
+        loop, v = [start], start
+        while True:
+            nxt = edges[v].pop()
+            if not edges[v]:
+                del edges[v]
+            if nxt == start:
+                break
+            loop.append(nxt)
+            v = nxt
+        pts = np.asarray(loop, float) - 1.0                       # undo the padding
+        turn = np.any(np.roll(pts, -1, 0) - pts != pts - np.roll(pts, 1, 0), axis=1)   # keep the corners only
+        loops.append(pts[turn])
+    return loops
+
+
+def write_rtstruct(structures: Sequence[Structure], reference: Volume, path: PathLike,
+                   label: str = "rtreg", description: str = "") -> Path:
+    """Write ``structures`` (masks on ``reference``'s grid) as a DICOM RTSTRUCT on ``reference``.
+
+    Contours follow the voxel boundaries of each slice (closed planar, LPS mm, even-odd for holes), so
+    reading the file back onto the same grid gives the masks again. When ``reference`` was read from a
+    DICOM series, the file refers to its study, series, slices and frame of reference; otherwise it refers
+    to the frame of reference in ``reference.meta`` (or a new one).
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    if not structures:
+        raise InputError("no structures to write into an RTSTRUCT")
+    grid = reference.grid
+    for st in structures:
+        if st.mask.shape != grid.shape:
+            raise InputError(f"structure {st.name!r} is not on the reference image grid; resample it first")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    now = datetime.datetime.now()
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTSTRUCT"
+    ds.StudyInstanceUID = reference.meta.get("study_uid") or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = reference.meta.get("patient_id") or "ANON"
+    ds.PatientName = ""
+    ds.StructureSetLabel = label[:16]
+    ds.StructureSetDescription = description[:1024]
+    ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.SeriesDescription = label[:64]
+    ds.Manufacturer = "SlicerProtonDIR rtreg"
+    for_uid = reference.meta.get("frame_of_reference") or generate_uid()
+    ds.FrameOfReferenceUID = for_uid
+    sop_uids = list(reference.meta.get("sop_uids") or [])
+    sop_class = reference.meta.get("sop_class_uid") or "1.2.840.10008.5.1.4.1.1.2"
+    ref_for = Dataset()
+    ref_for.FrameOfReferenceUID = for_uid
+    if len(sop_uids) == grid.shape[0] and reference.meta.get("series_uid"):
+        images = []
+        for uid in sop_uids:
+            im = Dataset()
+            im.ReferencedSOPClassUID, im.ReferencedSOPInstanceUID = sop_class, uid
+            images.append(im)
+        series = Dataset()
+        series.SeriesInstanceUID = reference.meta["series_uid"]
+        series.ContourImageSequence = DicomSequence(images)
+        study = Dataset()
+        study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+        study.ReferencedSOPInstanceUID = ds.StudyInstanceUID
+        study.RTReferencedSeriesSequence = DicomSequence([series])
+        ref_for.RTReferencedStudySequence = DicomSequence([study])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([ref_for])
+    rois, contours, observations = [], [], []
+    for n, st in enumerate(structures, start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID, roi.ROIName = n, for_uid, st.name[:64]
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        rois.append(roi)
+        items = []
+        for k in np.nonzero(st.mask.reshape(st.mask.shape[0], -1).any(1))[0]:
+            for loop in mask_contours(st.mask[k]):
+                ijk = np.column_stack([loop, np.full(len(loop), float(k))])
+                c = Dataset()
+                c.ContourGeometricType = "CLOSED_PLANAR"
+                c.NumberOfContourPoints = len(loop)
+                c.ContourData = [f"{v:.3f}" for v in grid.index_to_world(ijk).ravel()]
+                if len(sop_uids) == grid.shape[0]:
+                    im = Dataset()
+                    im.ReferencedSOPClassUID, im.ReferencedSOPInstanceUID = sop_class, sop_uids[k]
+                    c.ContourImageSequence = DicomSequence([im])
+                items.append(c)
+        rc = Dataset()
+        rc.ReferencedROINumber = n
+        rc.ROIDisplayColor = [int(v) for v in st.color]
+        rc.ContourSequence = DicomSequence(items)
+        contours.append(rc)
+        obs = Dataset()
+        obs.ObservationNumber, obs.ReferencedROINumber = n, n
+        obs.RTROIInterpretedType = st.roi_type or ("EXTERNAL" if st.name.lower() in ("body", "external") else "ORGAN")
+        obs.ROIInterpreter = ""
+        observations.append(obs)
+    ds.StructureSetROISequence = DicomSequence(rois)
+    ds.ROIContourSequence = DicomSequence(contours)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(out), enforce_file_format=True)
+    return out
 
 
 # ---------------------------------------------------------------- RTDOSE

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
-from .dicomrt import Structure, read_rtdose, read_rtplan, read_rtstruct, read_dataset
+from .dicomrt import Structure, read_dataset, read_rtdose, read_rtplan, read_rtstruct, write_rtstruct
 from .errors import InputError
 from .field import SpatialTransform, invert, jacobian_determinant, warp, write_field, write_transform
 from .image import Volume, read_volume, resample, write_volume
@@ -160,6 +160,10 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     progress(0.82, "inverting the transform for structures and dose")
     inverse = invert(result.transform, moving.grid)
     on_moving = propagate_structures(case.structures, fixed, inverse.transform, moving, out / "structures_on_moving")
+    if on_moving:
+        write_rtstruct([Structure(s.name, s.number, s.color, on_moving[s.name], s.roi_type) for s in case.structures
+                        if on_moving[s.name].any()], moving, out / "rtstruct_on_moving.dcm", f"rtreg {method}",
+                       f"Planning structures propagated to the repeat image by rtreg ({method}); check before use")
     if case.dose is not None:
         dose_m = warp(case.dose, inverse.transform, moving.grid, "linear", fill=0.0)
         dose_m.meta.update(units="Gy", modality="RTDOSE")
