@@ -31,8 +31,7 @@ class ProtonDIR(ScriptedLoadableModule):
 
 class ProtonDIRWidget(RegistrationWidget):
     module_name = "ProtonDIR"
-    method = "io"
-    pending_method = "ProtonDIR (the clinically informed learned method)"
+    method = "protondir"
 
     def setup(self):
         RegistrationWidget.setup(self)
@@ -79,6 +78,9 @@ class ProtonDIRWidget(RegistrationWidget):
             target_segment=(self.ui.targetSegmentCombo.currentData or None) if seg else None,
             oar_segments=oars)
 
+    def options(self):
+        return dict(RegistrationWidget.options(self), refine=self.ui.refineCheckBox.checked)
+
     def outputs(self):
         out = RegistrationWidget.outputs(self)
         out.segmentation = self.ui.outputSegmentationSelector.currentNode()
@@ -90,12 +92,12 @@ class ProtonDIRLogic(mrml.RegistrationLogic):
     """GUI-free: ``process(RegistrationInputs, options, outputs, progress)`` on nodes."""
 
     def __init__(self, scene=None, python=None):
-        mrml.RegistrationLogic.__init__(self, "io", scene, python)
+        mrml.RegistrationLogic.__init__(self, "protondir", scene, python)
 
 
 class ProtonDIRTest(ScriptedLoadableModuleTest):
     def runTest(self):
-        run_module_selftest(self)
+        run_module_selftest(self, "protondir")
 
 
 def plan_text_from_scene() -> str:

@@ -110,6 +110,8 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = self.logic.load(run.out, self._inputs, self._outputs)
             self.ui.outputTransformSelector.setCurrentNode(result.transform)
             self.ui.outputVolumeSelector.setCurrentNode(result.warped)
+            for message in result.messages:
+                self.log(f"Note: {message}")
             self.log("Done. The transform holds the fixed->moving mapping (FromParent); the moving volume is "
                      "placed under it.")
         except Exception as exc:  # noqa: BLE001 - RunFailed or a load error: shown, scene left as it was

@@ -37,6 +37,9 @@ def test_harness_runs_a_peer_and_scores_it(tmp_path):
     assert demons.structures["CTV"]["dice"] > before.structures["CTV"]["dice"]
     assert demons.seconds > 0 and 50 < demons.peak_mb < 4000    # measured in the child process
     assert len(demons.point_errors) == 60
+    assert demons.similarity["ncc"] > before.similarity["ncc"] and demons.similarity["mse"] < before.similarity["mse"]
+    assert 0 < len(demons.target_point_errors) == len(before.target_point_errors) < 60    # points near the CTV
+    assert np.mean(demons.target_point_errors) < np.mean(before.target_point_errors)
     assert absent.status == "unavailable" and "bench setup" in absent.message
     eval_json = json.loads((tmp_path / "results" / "rt-phantom" / "tiny-headneck" / "demons" / "eval.json").read_text())
     assert eval_json["tre_mm"]["mean"] == pytest.approx(demons.tre["mean"])

@@ -61,7 +61,7 @@ def test_logic_imports_under_slicer_core(module):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     logic = getattr(mod, f"{module}Logic")(slicer.vtkMRMLScene())
-    assert logic.method == "io"
+    assert logic.method == ("protondir" if module == "ProtonDIR" else "io")    # the others until their issues land
     from rtreg.mrml import RegistrationLogic
     assert isinstance(logic, RegistrationLogic)
 
@@ -87,3 +87,5 @@ def test_each_module_logic_registers_a_small_phantom(module):
     before = dice(mrml.structures_from_segmentation(seg, repeat, [seg.GetSegmentation().GetSegmentIdBySegmentName(
         "Bladder")])[0].mask, case.structure("Bladder", repeat=True).mask)
     assert dice(got["Bladder"], case.structure("Bladder", repeat=True).mask) > before
+    if module == "ProtonDIR":   # the engine's notes reach the panel: no dose was given
+        assert any("risk map not used: no dose" in m for m in out.messages), out.messages

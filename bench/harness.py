@@ -22,9 +22,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from rtreg.evaluation import evaluate_result
-from rtreg.field import invert, read_transform, write_field
+from rtreg.field import invert, read_transform, warp, write_field
 from rtreg.image import read_volume
-from rtreg.pipeline import load_structures, propagate_structures
+from rtreg.pipeline import SimilarityReport, load_structures, propagate_structures
+from rtreg.priors import body_mask, signed_distance_mm
+from rtreg.roles import guess_roles
 
 from .methods import Method
 from .suites import CaseSpec, build_case, describe
@@ -50,6 +52,8 @@ class Row:
     point_errors: List[float] = field(default_factory=list)
     structures: Dict = field(default_factory=dict)          # name -> dice, hd95_mm, relative_volume_difference
     jacobian: Dict = field(default_factory=dict)
+    similarity: Dict = field(default_factory=dict)          # ncc, ssim, mse inside the planning body
+    target_point_errors: List[float] = field(default_factory=list)   # TRE of points within 20 mm of the target
 
 
 def thread_environment(threads: int = THREADS) -> Dict[str, str]:
@@ -90,21 +94,41 @@ def _run_child(method: Method, case_dir: Path, out: Path, timeout_s: float) -> t
     return code, log.read_text()[-1500:]
 
 
+NEAR_TARGET_MM = 20.0
+
+
 def _score(spec: CaseSpec, case_dir: Path, result: Path) -> Dict:
-    """Propagate the case's structures with the method's mapping, then ``evaluate_result``."""
+    """Propagate the case's structures with the method's mapping, then ``evaluate_result``; add the image
+    similarity in the planning body and the errors of the points within 20 mm of the target."""
     transform = read_transform(result / "displacement.mha")
     planning = read_volume(case_dir / "planning_ct.nii.gz")
     repeat = read_volume(case_dir / "repeat_ct.nii.gz")
     structures = load_structures(case_dir / "structures", planning)
     inverse = invert(transform, repeat.grid)
     propagate_structures(structures, planning, inverse.transform, repeat, result / "structures_on_moving")
-    return evaluate_result(case_dir, result)
+    ev = evaluate_result(case_dir, result)
+    body = body_mask(planning)
+    ev["similarity"] = SimilarityReport(planning, body)(warp(repeat, transform, planning.grid,
+                                                             fill=float(repeat.array.min())))
+    target, _, _ = guess_roles([st.name for st in structures])
+    errors = ev.get("tre_mm", {}).get("errors", [])
+    ev["target_point_errors"] = []
+    if target and errors:
+        mask = next(st.mask for st in structures if st.name == target)
+        distance = signed_distance_mm(mask, planning.grid.spacing)
+        points = np.loadtxt(case_dir / "points_planning.csv", delimiter=",", ndmin=2)
+        idx = np.clip(np.round(planning.grid.world_to_index(points)).astype(int), 0,
+                      np.array(planning.grid.size_xyz) - 1)
+        near = distance[idx[:, 2], idx[:, 1], idx[:, 0]] <= NEAR_TARGET_MM
+        ev["target_point_errors"] = [float(e) for e, n in zip(errors, near) if n]
+    return ev
 
 
 def _row(spec: CaseSpec, method: str, ev: Dict, **kw) -> Row:
     tre = {k: v for k, v in ev.get("tre_mm", {}).items() if k != "errors"}
     return Row(spec.suite, spec.name, method, point_errors=ev.get("tre_mm", {}).get("errors", []), tre=tre,
-               structures=ev.get("structures", {}), jacobian=ev.get("jacobian", {}), **kw)
+               structures=ev.get("structures", {}), jacobian=ev.get("jacobian", {}),
+               similarity=ev.get("similarity", {}), target_point_errors=ev.get("target_point_errors", []), **kw)
 
 
 def before_row(spec: CaseSpec, case_dir: Path, out: Path) -> Row:

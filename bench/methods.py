@@ -53,16 +53,29 @@ def _field_volume(img: sitk.Image) -> Volume:
 
 
 # ---------------------------------------------------------------- ours
-def _rtreg(method: str) -> Runner:
+def _rtreg(method: str, **extra) -> Runner:
+    """An rtreg method on the case's files; ProtonDIR also gets the case's structures, dose and plan text
+    (``extra``: its clinical inputs and whether it refines)."""
     def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
         from rtreg.case import RegisterOptions
         from rtreg.methods import get_method
         from rtreg.pipeline import load_case
-        case = load_case(str(fixed), str(moving))
-        options = RegisterOptions(device="cpu", similarity="mind" if multimodal else "auto")
+        case_dir = fixed.parent
+        clinical = method == "protondir"
+        def present(name: str):
+            return str(case_dir / name) if clinical and (case_dir / name).exists() else None
+        case = load_case(str(fixed), str(moving), structures=present("structures"), dose=present("dose.nii.gz"),
+                         plan=present("plan.txt"))
+        options = RegisterOptions(device="cpu", similarity="mind" if multimodal else "auto", extra=dict(extra))
         result = get_method(method)(case, options, lambda f, m: None)
         return result.transform.total_field(case.fixed.grid)
     return run
+
+
+# ProtonDIR's ablation as in its paper: the network alone, without (Base) and with the anatomy map (A), the
+# risk map (R) and the plan text (T); one set of weights trained with random dropout of each input
+_ABLATION = {"protondir-base": [], "protondir-base-a": ["anatomy"], "protondir-base-r": ["risk"],
+             "protondir-base-a-r": ["anatomy", "risk"], "protondir-base-a-r-t": ["anatomy", "risk", "text"]}
 
 
 # ---------------------------------------------------------------- ANTs
@@ -207,6 +220,11 @@ def _convexadam(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volu
 
 METHODS: List[Method] = [
     Method("io", "rtreg io (baseline)", "rtreg", _rtreg("io"), ours=True),
+    Method("protondir", "rtreg ProtonDIR (network + refinement)", "rtreg", _rtreg("protondir"), ours=True),
+    *[Method(name, f"ProtonDIR {name[10:].upper()} (network only)", "rtreg",
+             _rtreg("protondir", clinical_inputs=inputs, refine=False, network_guard=False), ours=True,
+             in_default=False)
+      for name, inputs in _ABLATION.items()],
     Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
     Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
     Method("elastix", "elastix B-spline", "itk", _elastix),

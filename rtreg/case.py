@@ -43,6 +43,7 @@ class RegistrationCase:
     same_frame: Optional[bool] = None
     target: Optional[str] = None                        # the CTV (or GTV) among ``structures``
     oars: List[str] = field(default_factory=list)       # organs at risk among ``structures``
+    notes: List[str] = field(default_factory=list)      # inputs left out while reading, and why
 
     def validate(self, prealign: str) -> None:
         """Raise InputError for input that would give a wrong result (see the README's bad-input list)."""

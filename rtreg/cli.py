@@ -19,8 +19,8 @@ from typing import List, Optional
 from . import __version__
 from .case import RegisterOptions
 from .errors import InputError
+from .models import MODELS_DIR
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 
 class ProgressPrinter:
@@ -65,10 +65,12 @@ def _info(_args) -> int:
 
 
 def _options(args) -> RegisterOptions:
+    extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
+             "refine": not args.no_refine}
     return RegisterOptions(device=args.device, seed=args.seed, time_budget_s=args.time_budget,
                            iterations=args.iterations, prealign=args.prealign, similarity=args.similarity,
                            regularization=args.regularization, regularization_weight=args.regularization_weight,
-                           working_spacing_mm=args.working_spacing)
+                           working_spacing_mm=args.working_spacing, extra=extra)
 
 
 def _register(args) -> int:
@@ -81,6 +83,8 @@ def _register(args) -> int:
                      same, args.allow_frame_mismatch, args.target, oars)
     metrics = run_registration(case, args.method, _options(args), Path(args.out), progress,
                                command="rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    for message in metrics["messages"]:
+        print(f"rtreg: note: {message}", file=sys.stderr)
     if args.report:
         from .report import write_html_report
         metrics["report"] = str(write_html_report(Path(args.out)))
@@ -129,6 +133,11 @@ def _eval(args) -> int:
     return 0
 
 
+def _train_protondir(args) -> int:
+    from .train.protondir import main
+    return main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rtreg", description="Registration engine of SlicerProtonDIR")
     ap.add_argument("--version", action="version", version=f"rtreg {__version__}")
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, models found").set_defaults(func=_info)
 
     r = sub.add_parser("register", help="register a moving (repeat) image to a fixed (planning) image")
-    r.add_argument("--method", default="io", help="registration method (io)")
+    r.add_argument("--method", default="io", help="registration method (io, protondir)")
     r.add_argument("--fixed", required=True, help="planning image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--moving", required=True, help="repeat image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--out", required=True, help="output folder")
@@ -156,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--regularization", default="diffusion", choices=["diffusion", "bending"])
     r.add_argument("--regularization-weight", type=float, default=None)
     r.add_argument("--working-spacing", type=float, default=2.0, help="finest working grid spacing (mm)")
+    r.add_argument("--clinical-inputs", default="anatomy,risk,text",
+                   help="protondir: which clinical inputs guide the network, comma-separated from anatomy, risk, "
+                   "text ('' for none)")
+    r.add_argument("--no-refine", action="store_true",
+                   help="protondir: the network's field only, without the instance-optimisation refinement")
     r.add_argument("--same-frame", action="store_true",
                    help="the images share scanner coordinates although their frame-of-reference UIDs differ")
     r.add_argument("--allow-frame-mismatch", action="store_true",
@@ -178,6 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none", choices=["bar", "jsonl", "none"])
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a method's network (reproducible, resumable) and write its weights")
+    models = t.add_subparsers(dest="model", required=True)
+    tp = models.add_parser("protondir", help="ProtonDIR's network on synthetic and real CT pairs (see "
+                           "rtreg/train/protondir.py for the data)")
+    tp.add_argument("--work", default="train_work/protondir",
+                    help="folder for the training pairs, checkpoints and log (a rerun resumes from it)")
+    tp.add_argument("--steps", type=int, default=3000)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--lr", type=float, default=1e-3)
+    tp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    tp.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
+    tp.add_argument("--models-dir", default=None, help="where to write the weights (default: Resources/Models)")
+    tp.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
+    tp.add_argument("--pairs-csv", default=None,
+                    help="fine-tune on institutional pairs: a CSV with columns planning_ct,repeat_ct,rtstruct,"
+                    "rtdose,plan (DICOM folders or files; the last three optional) instead of the built-in data")
+    tp.add_argument("--init", default=None, help="start from this weights file (with its manifest beside it), "
+                    "e.g. Resources/Models/protondir.pt when fine-tuning")
+    tp.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this step (checkpointed); the same command resumes the run later")
+    tp.set_defaults(func=_train_protondir)
     return ap
 
 

@@ -391,6 +391,9 @@ def read_rtdose(path: PathLike, allow_relative: bool = False) -> Volume:
         raise InputError(f"cannot decode the dose pixels of {path} ({exc}); export it uncompressed") from None
     if pix.ndim == 2:
         pix = pix[None]
+    if "DoseGridScaling" not in ds and units != "RELATIVE" and np.issubdtype(ds.pixel_array.dtype, np.integer):
+        raise InputError(f"{Path(path).name} has integer dose pixels but no DoseGridScaling, so its values are not "
+                         "doses; export the RTDOSE again with its scaling")
     dose = pix * float(ds.get("DoseGridScaling", 1.0))
     if units == "CGY":
         dose /= 100.0

@@ -336,6 +336,7 @@ class RegistrationOutputs:
     def __init__(self, transform=None, warped=None, segmentation=None, dose=None, table=None, jacobian=None):
         self.transform, self.warped, self.segmentation = transform, warped, segmentation
         self.dose, self.table, self.jacobian = dose, table, jacobian
+        self.messages: List[str] = []   # after a run: what the engine left out or changed, and why
 
 
 def _flat_metrics(metrics: Dict) -> Dict[str, object]:
@@ -408,6 +409,10 @@ class RegistrationLogic:
                     args += [flag, str(options[key])]
             if options.get("same_frame"):
                 args.append("--same-frame")
+            if options.get("refine") is False:
+                args.append("--no-refine")
+            if options.get("clinical_inputs") is not None:
+                args += ["--clinical-inputs", ",".join(options["clinical_inputs"])]
             run.command[4:4] = args
             return run.start()
         except Exception:
@@ -475,6 +480,7 @@ class RegistrationLogic:
                                       outputs.table)
         place_in_study(self.scene, inputs.fixed, [n for n in (result.transform, result.warped, result.jacobian,
                                                               result.segmentation, result.dose, result.table) if n])
+        result.messages = list(metrics.get("messages", []))
         return result
 
 

@@ -44,15 +44,16 @@ def check_writable(out: Path) -> None:
 
 
 def load_structures(path: Path, fixed: Volume, allow_frame_mismatch: bool = False) -> List[Structure]:
-    """An RTSTRUCT file, a folder holding one, or a folder / file of binary masks -> structures on the fixed grid."""
+    """An RTSTRUCT file, a folder holding one, or a folder / file of binary masks -> structures on the fixed grid.
+
+    Empty structures are kept (a run uses what is valid; ``run_registration`` says which ones are empty)."""
     if not path.exists():
         raise InputError(f"structures {path} do not exist")
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     dicoms = [f for f in files if f.suffix.lower() == ".dcm" or (path.is_file() and not _IMAGE_RE.search(f.name))]
     rts = [f for f in dicoms if str(read_dataset(f, stop_before_pixels=True).get("Modality", "")) == "RTSTRUCT"]
     if rts:
-        structs = read_rtstruct(rts[0], fixed, check_frame=not allow_frame_mismatch)
-        return [s for s in structs if not s.empty]
+        return read_rtstruct(rts[0], fixed, check_frame=not allow_frame_mismatch)
     masks = [f for f in files if _IMAGE_RE.search(f.name)]
     if not masks:
         raise InputError(f"no RTSTRUCT or mask images in {path}")
@@ -64,15 +65,12 @@ def load_structures(path: Path, fixed: Volume, allow_frame_mismatch: bool = Fals
         else:
             m = resample(vol, fixed.grid, "mask").array
         name = vol.meta.get("name", f.stem)
-        if not m.any():
-            raise InputError(f"the structure {name!r} ({f.name}) is empty on the fixed grid; remove it or fix it")
         out.append(Structure(name, i + 1, _PALETTE[i % len(_PALETTE)], m))
     return out
 
 
 def load_dose(path: Path) -> Volume:
-    if not path.exists():
-        raise InputError(f"dose {path} does not exist")
+    """An RTDOSE (Gy, scaled) or a dose image taken to be in Gy."""
     if path.suffix.lower() == ".dcm":
         return read_rtdose(path)
     dose = read_volume(path)
@@ -115,7 +113,13 @@ def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structu
     elif target or oars:
         raise InputError("--target/--oars name structures, but no --fixed-structures were given; add them")
     if dose:
-        case.dose = load_dose(Path(dose))
+        if not Path(dose).exists():
+            raise InputError(f"dose {dose} does not exist")
+        try:
+            case.dose = load_dose(Path(dose))
+        except InputError as exc:   # unusable content: the run goes on without it, and says so
+            case.notes.append(f"the dose was left out (no risk map, no mapped dose): {exc}")
+    if case.dose is not None:
         ffor, dfor = f.meta.get("frame_of_reference", ""), case.dose.meta.get("frame_of_reference", "")
         if ffor and dfor and ffor != dfor and not allow_frame_mismatch:
             raise InputError(f"the dose is in frame of reference {dfor}, the fixed image in {ffor}: the dose "
@@ -188,7 +192,9 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
         "inverse_residual_mm": {"mean": inverse.residual_mean_mm, "max": inverse.residual_max_mm,
                                 "iterations": inverse.iterations},
         "prealignment_matrix_lps": result.prealignment.tolist(),
-        "method_qa": result.qa, "messages": result.messages,
+        "method_qa": result.qa,
+        "messages": case.notes + [f"structure {s.name!r} is empty on the planning image; it is carried as an "
+                                  "empty structure" for s in case.structures if s.empty] + result.messages,
         "structures_on_moving": sorted(on_moving), "dose_mapped": case.dose is not None,
         "roles": {"target": case.target, "oars": case.oars,
                   "body": "fixed mask" if case.fixed_mask is not None else "CT threshold (body_mask)"},

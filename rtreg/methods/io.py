@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from ..priors import body_mask
 from ..spatial import field_to_array, resize_field, smooth, to_tensor, warp
 
 NAME = "io"
+ITERATIONS_PER_LEVEL = [80, 60]     # at twice the working spacing, then at the working spacing
 DEFAULT_WEIGHTS = {("ncc", "diffusion"): 5.0, ("ncc", "bending"): 20.0,
                    ("mind", "diffusion"): 0.5, ("mind", "bending"): 10.0}
 
@@ -48,7 +49,7 @@ class Level:
     iterations: int
 
 
-def _levels(case: RegistrationCase, affine: np.ndarray, fixed_mask: np.ndarray, moving_mask: np.ndarray,
+def pyramid(case: RegistrationCase, affine: np.ndarray, fixed_mask: np.ndarray, moving_mask: np.ndarray,
             spacing_mm: float, iterations: List[int], device: torch.device) -> List[Level]:
     f_norm = case.fixed.with_array(normalize_intensity(case.fixed, fixed_mask))
     m_norm = case.moving.with_array(normalize_intensity(case.moving, moving_mask))
@@ -63,6 +64,14 @@ def _levels(case: RegistrationCase, affine: np.ndarray, fixed_mask: np.ndarray, 
         mk_t = F.max_pool3d(to_tensor(mk, device), 5, stride=1, padding=2)  # a 2-voxel margin around the mask
         levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mk_t, n_it))
     return levels
+
+
+def registration_masks(case: RegistrationCase) -> Tuple[np.ndarray, np.ndarray]:
+    """(fixed, moving) masks where similarity counts: the given fixed mask or the body, and the moving body;
+    an image without a body found counts everywhere (all ones)."""
+    fixed_mask = case.fixed_mask.array if case.fixed_mask is not None else body_mask(case.fixed)
+    moving_mask = body_mask(case.moving)
+    return tuple(m if m.any() else np.ones(m.shape, np.uint8) for m in (fixed_mask, moving_mask))
 
 
 def register(case: RegistrationCase, options: RegisterOptions, progress: Progress = no_progress
@@ -81,23 +90,18 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     weight = options.regularization_weight
     if weight is None:
         weight = DEFAULT_WEIGHTS[(similarity, options.regularization)]
-    iterations = list(options.extra.get("iterations_per_level", [80, 60] if options.iterations is None
+    iterations = list(options.extra.get("iterations_per_level", ITERATIONS_PER_LEVEL if options.iterations is None
                                         else [options.iterations] * 2))
     check_memory(case.fixed.grid, options.working_spacing_mm, device, channels=12 if similarity == "mind" else 1)
 
-    fixed_mask = case.fixed_mask.array if case.fixed_mask is not None else body_mask(case.fixed)
-    if not fixed_mask.any():
-        fixed_mask = np.ones(case.fixed.array.shape, np.uint8)
-    moving_mask = body_mask(case.moving)
-    if not moving_mask.any():
-        moving_mask = np.ones(case.moving.array.shape, np.uint8)
+    fixed_mask, moving_mask = registration_masks(case)
     progress(0.0, f"pre-alignment ({options.prealign})")
     affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask,
                       "ncc" if similarity == "ncc" else "mi", device, options.seed,
                       lambda f, m: progress(0.2 * f, m))
     t_pre = time.perf_counter()
 
-    levels = _levels(case, affine, fixed_mask, moving_mask, options.working_spacing_mm, iterations, device)
+    levels = pyramid(case, affine, fixed_mask, moving_mask, options.working_spacing_mm, iterations, device)
     u, qa = optimise(levels, similarity, options.regularization, weight, options.time_budget_s,
                      lambda f, m: progress(0.2 + 0.75 * f, m))
     t_opt = time.perf_counter()
@@ -120,20 +124,25 @@ def _similarity(kind: str, fixed_feat: torch.Tensor, warped_feat: torch.Tensor, 
 
 
 def optimise(levels: List[Level], similarity: str, regularization: str, weight: float,
-             time_budget_s: Optional[float], progress: Progress = no_progress):
-    """Coarse-to-fine Adam on a smoothed control grid; returns the finest (1, 3, z, y, x) mm field and QA."""
+             time_budget_s: Optional[float], progress: Progress = no_progress,
+             u_init: Optional[torch.Tensor] = None):
+    """Coarse-to-fine Adam on a smoothed control grid; returns the finest (1, 3, z, y, x) mm field and QA.
+
+    ``u_init``: a starting field (1, 3, z, y, x) mm on the grid of ``levels[0]`` (all levels span the same
+    extent); Adam then optimises a smoothed residual added to it, so the start keeps its detail."""
     start = time.perf_counter()
     reg_fn = diffusion if regularization == "diffusion" else bending_energy
     total = sum(lv.iterations for lv in levels)
     done = 0
-    u = None
+    residual = None
     qa = {"iterations": 0, "stopped_by": "iterations"}
     for li, lv in enumerate(levels):
         spacing = [float(s) for s in lv.grid.spacing]
         shape = lv.fixed.shape[2:]
         ctrl_shape = [max(2, (n + 1) // 2) for n in shape]
-        init = torch.zeros(1, 3, *ctrl_shape, device=lv.fixed.device) if u is None else \
-            resize_field(u.detach(), ctrl_shape)
+        base = 0.0 if u_init is None else resize_field(u_init.detach(), shape)
+        init = torch.zeros(1, 3, *ctrl_shape, device=lv.fixed.device) if residual is None else \
+            resize_field(residual, ctrl_shape)
         params = init.clone().requires_grad_(True)
         opt = torch.optim.Adam([params], lr=0.25 * float(np.mean(spacing)))
         if similarity == "mind":
@@ -145,7 +154,7 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
                 qa["stopped_by"] = "time budget"
                 break
             opt.zero_grad()
-            u_l = smooth(resize_field(params, shape))
+            u_l = base + smooth(resize_field(params, shape))
             sim = _similarity(similarity, f_feat, warp(m_feat, u_l, lv.grid), lv.mask)
             loss = -sim + weight * reg_fn(u_l, spacing)
             loss.backward()
@@ -155,7 +164,8 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
             progress(done / total, f"level {li + 1}/{len(levels)} ({spacing[0]:.1f} mm): {similarity} "
                                    f"{sim.item():.4f}")
         with torch.no_grad():
-            u = smooth(resize_field(params.detach(), shape))
+            residual = smooth(resize_field(params.detach(), shape))
+            u = base + residual
             qa[f"similarity_after_level{li + 1}"] = _similarity(similarity, f_feat, warp(m_feat, u, lv.grid),
                                                                lv.mask).item()
     qa["similarity_after"] = qa[f"similarity_after_level{len(levels)}"]

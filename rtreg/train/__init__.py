@@ -1,0 +1,1 @@
+"""Reproducible training commands (``rtreg train <method>``) that write ``Resources/Models/*``."""
