@@ -122,7 +122,7 @@ def test_every_optional_input_missing_still_registers(phantom):
 
 
 def test_unknown_clinical_input_is_refused(phantom):
-    with pytest.raises(ValueError, match="unknown clinical inputs"):
+    with pytest.raises(InputError, match="unknown clinical inputs"):
         protondir.register(_case(phantom), RegisterOptions(device="cpu", extra={"clinical_inputs": ["dose"]}))
 
 

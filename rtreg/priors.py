@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .dicomrt import PlanSummary
+from .errors import InputError
 from .image import Volume
 
 SIGMA_TARGET_MM = 20.0     # proximity to the CTV falls to exp(-1/2) at this distance
@@ -224,7 +225,7 @@ def prompt_embedding(prompts: Dict[str, str], encoder: TextEncoder, dim: int) ->
     if not texts:
         return None
     if encoder.dim != dim:
-        raise ValueError(f"the text encoder {encoder.name} gives {encoder.dim}-d embeddings but the network "
+        raise InputError(f"the text encoder {encoder.name} gives {encoder.dim}-d embeddings but the network "
                          f"was trained with {dim}-d ones; use the encoder it was trained with, or fine-tune "
                          "it with this one (rtreg train protondir --text-encoder ...)")
     return encoder.encode(texts).mean(0).astype(np.float32)

@@ -31,6 +31,7 @@ import torch
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
+from ..errors import InputError
 from ..field import SpatialTransform, affine_to_sitk, resample_field
 from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
 from ..memory import check_memory
@@ -202,7 +203,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     use = list(options.extra.get("clinical_inputs", CLINICAL_INPUTS))
     unknown = sorted(set(use) - set(CLINICAL_INPUTS))
     if unknown:
-        raise ValueError(f"unknown clinical inputs {unknown}; use a subset of {list(CLINICAL_INPUTS)}")
+        raise InputError(f"unknown clinical inputs {unknown}; use a subset of {list(CLINICAL_INPUTS)}")
     refine = bool(options.extra.get("refine", True))
     messages: List[str] = []
     if not io.same_modality(case):
