@@ -49,18 +49,26 @@ class Level:
     iterations: int
 
 
-def pyramid(case: RegistrationCase, affine: np.ndarray, fixed_mask: np.ndarray, moving_mask: np.ndarray,
-            spacing_mm: float, iterations: List[int], device: torch.device) -> List[Level]:
-    f_norm = case.fixed.with_array(normalize_intensity(case.fixed, fixed_mask))
-    m_norm = case.moving.with_array(normalize_intensity(case.moving, moving_mask))
+def normalised_images(case: RegistrationCase, fixed_mask: np.ndarray, moving_mask: np.ndarray
+                      ) -> Tuple[Volume, Volume]:
+    """The fixed and moving images scaled robustly to [0, 1] inside their masks, on their own grids."""
+    return (case.fixed.with_array(normalize_intensity(case.fixed, fixed_mask)),
+            case.moving.with_array(normalize_intensity(case.moving, moving_mask)))
+
+
+def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.ndarray, spacing_mm: float,
+            iterations: List[int], device: torch.device) -> List[Level]:
+    """One level per entry of ``iterations``, coarsest first, ending at ``spacing_mm`` (each level halves the
+    spacing) on the fixed grid: the normalised images (moving through the
+    pre-alignment ``affine``), anti-aliased, and the fixed mask widened by 2 voxels."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
         sp = spacing_mm * 2 ** (n - 1 - i)
-        g = case.fixed.grid.with_spacing(sp)
+        g = f_norm.grid.with_spacing(sp)
         f = resample(smooth_for_downsampling(f_norm, sp), g)
         m = resample(smooth_for_downsampling(m_norm, sp), g, "linear", affine_to_sitk(affine), 0.0)
-        mk = resample(case.fixed.with_array(fixed_mask), g, "mask").array
+        mk = resample(f_norm.with_array(fixed_mask), g, "mask").array
         mk_t = F.max_pool3d(to_tensor(mk, device), 5, stride=1, padding=2)  # a 2-voxel margin around the mask
         levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mk_t, n_it))
     return levels
@@ -101,7 +109,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
                       lambda f, m: progress(0.2 * f, m))
     t_pre = time.perf_counter()
 
-    levels = pyramid(case, affine, fixed_mask, moving_mask, options.working_spacing_mm, iterations, device)
+    levels = pyramid(*normalised_images(case, fixed_mask, moving_mask), fixed_mask, affine,
+                     options.working_spacing_mm, iterations, device)
     u, qa = optimise(levels, similarity, options.regularization, weight, options.time_budget_s,
                      lambda f, m: progress(0.2 + 0.75 * f, m))
     t_opt = time.perf_counter()

@@ -33,7 +33,7 @@ from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResu
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
 from ..field import SpatialTransform, affine_to_sitk, resample_field
-from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
+from ..image import Grid, Volume, resample, smooth_for_downsampling
 from ..memory import check_memory
 from ..models import load_weights
 from ..nets.protondir import ProtonDIRNet
@@ -82,15 +82,13 @@ def edge_taper(shape_zyx, width_voxels: float) -> np.ndarray:
     return (ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]).astype(np.float32)
 
 
-def network_images(fixed: Volume, moving: Volume, affine: np.ndarray, fixed_mask: np.ndarray,
-                   moving_mask: np.ndarray, grid: Grid) -> Tuple[np.ndarray, np.ndarray]:
-    """(fixed, moving) (z, y, x) float32 in [0, 1] on ``grid``: each image robustly normalised inside its
-    body, anti-aliased, and the moving image resampled through the pre-alignment ``affine``."""
+def network_images(f_norm: Volume, m_norm: Volume, affine: np.ndarray, grid: Grid) -> Tuple[np.ndarray, np.ndarray]:
+    """(fixed, moving) (z, y, x) float32 in [0, 1] on ``grid`` from the normalised images
+    (:func:`rtreg.methods.io.normalised_images`): anti-aliased, the moving image resampled through the
+    pre-alignment ``affine``."""
     sp = float(grid.spacing[0])
-    f = fixed.with_array(normalize_intensity(fixed, fixed_mask))
-    m = moving.with_array(normalize_intensity(moving, moving_mask))
-    f = resample(smooth_for_downsampling(f, sp), grid, "linear", None, 0.0).array
-    m = resample(smooth_for_downsampling(m, sp), grid, "linear", affine_to_sitk(affine), 0.0).array
+    f = resample(smooth_for_downsampling(f_norm, sp), grid, "linear", None, 0.0).array
+    m = resample(smooth_for_downsampling(m_norm, sp), grid, "linear", affine_to_sitk(affine), 0.0).array
     return f.astype(np.float32), m.astype(np.float32)
 
 
@@ -206,6 +204,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         raise InputError(f"unknown clinical inputs {unknown}; use a subset of {list(CLINICAL_INPUTS)}")
     refine = bool(options.extra.get("refine", True))
     messages: List[str] = []
+    if options.similarity not in ("auto", "ncc"):
+        messages.append(f"ProtonDIR compares CT with CT by local NCC; similarity {options.similarity!r} is not used")
     if not io.same_modality(case):
         messages.append("ProtonDIR was trained on CT pairs; the images differ in modality, so expect the "
                         "network to help less (the refinement still uses local NCC)")
@@ -227,7 +227,10 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     messages += clinical.messages
     t_prior = time.perf_counter()
     progress(0.3, f"network on a {'x'.join(map(str, grid.size_xyz))} grid at {spacing:g} mm")
-    f_img, m_img = network_images(case.fixed, case.moving, affine, fixed_mask, moving_mask, grid)
+    f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)    # once, for network and refinement
+    f_img, m_img = network_images(f_norm, m_norm, affine, grid)
+    if not refine:
+        del f_norm, m_norm                    # full-resolution copies: free them when nothing else needs them
     t_inputs = time.perf_counter()
     u_net = predict_field(net, f_img, m_img, clinical.prior, clinical.text, grid, device)
     if device.type == "cuda":
@@ -256,7 +259,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     if refine:
         iterations = list(options.extra.get("iterations_per_level", io.ITERATIONS_PER_LEVEL
                                             if options.iterations is None else [options.iterations] * 2))
-        levels = io.pyramid(case, affine, fixed_mask, moving_mask, options.working_spacing_mm, iterations, device)
+        levels = io.pyramid(f_norm, m_norm, fixed_mask, affine, options.working_spacing_mm, iterations, device)
         start = to_tensor(resample_field(net_field, levels[0].grid).array, device)
         weight = options.regularization_weight if options.regularization_weight is not None else \
             io.DEFAULT_WEIGHTS[("ncc", options.regularization)]

@@ -39,6 +39,7 @@ from ..dicomrt import Structure
 from ..field import resample_field
 from ..image import Volume, crop_to_mask, read_volume, resample
 from ..losses import diffusion, ncc_local
+from ..methods.io import normalised_images
 from ..methods.protondir import WEIGHTS, clinical_inputs, network_images, working_grid
 from ..errors import InputError
 from ..models import load_weights, save_weights
@@ -99,7 +100,7 @@ def pair_arrays(case: RegistrationCase, affine: np.ndarray, truth: Optional[Volu
     fixed, moving = case.fixed, case.moving
     grid = working_grid(fixed.grid, SPACING_MM)
     f_body, m_body = body_mask(fixed), body_mask(moving)
-    f_img, m_img = network_images(fixed, moving, affine, f_body, m_body, grid)
+    f_img, m_img = network_images(*normalised_images(case, f_body, m_body), affine, grid)
     if truth is not None:
         u_mm = resample_field(truth, grid).array                                     # (z, y, x, 3) LPS mm
         u_vox = (u_mm @ np.linalg.inv(grid.affine[:3, :3]).T).transpose(3, 0, 1, 2)
