@@ -78,6 +78,24 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return mrml.RegistrationOutputs(transform=self.ui.outputTransformSelector.currentNode(),
                                         warped=self.ui.outputVolumeSelector.currentNode())
 
+    def startRun(self):
+        """Start the engine on the panel's inputs; returns the running CliRun (subclasses may run another
+        command, e.g. a 4D series)."""
+        self._inputs, self._outputs = self.inputs(), self.outputs()
+        return self.logic.start(self._inputs, self.options())
+
+    def finishRun(self, out):
+        """Load a finished run's outputs from the folder ``out`` and log what the engine said."""
+        result = self.logic.load(out, self._inputs, self._outputs)
+        self.ui.outputTransformSelector.setCurrentNode(result.transform)
+        self.ui.outputVolumeSelector.setCurrentNode(result.warped)
+        for message in result.messages:
+            self.log(f"Note: {message}")
+        for line in result.summary:
+            self.log(line)
+        self.log("Done. The transform holds the fixed->moving mapping (FromParent); the moving volume is "
+                 "placed under it.")
+
     # -- running
     def onApplyButton(self):
         if self.run is not None:
@@ -88,8 +106,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureRequirements():
                 return
             self.logic = mrml.RegistrationLogic(self.method, slicer.mrmlScene, python_executable())
-            self._inputs, self._outputs = self.inputs(), self.outputs()
-            self.run = self.logic.start(self._inputs, self.options())
+            self.run = self.startRun()
             self.log("Running: " + " ".join(self.run.command))
             self.ui.applyButton.text = "Cancel"
             self.ui.progressBar.value = 0
@@ -107,13 +124,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Apply"
         try:
             run.result()
-            result = self.logic.load(run.out, self._inputs, self._outputs)
-            self.ui.outputTransformSelector.setCurrentNode(result.transform)
-            self.ui.outputVolumeSelector.setCurrentNode(result.warped)
-            for message in result.messages:
-                self.log(f"Note: {message}")
-            self.log("Done. The transform holds the fixed->moving mapping (FromParent); the moving volume is "
-                     "placed under it.")
+            self.finishRun(run.out)
         except Exception as exc:  # noqa: BLE001 - RunFailed or a load error: shown, scene left as it was
             slicer.util.errorDisplay(f"Registration failed: {exc}")
             self.log(f"Failed: {exc}")

@@ -30,15 +30,23 @@ class TTORegister(ScriptedLoadableModule):
 
 class TTORegisterWidget(RegistrationWidget):
     module_name = "TTORegister"
-    method = "io"
-    pending_method = "TTORegister (test-time optimised network)"
+    method = "tto"
 
-    PRESETS = [("CT to CT", "ncc"), ("MR to CT", "mind"), ("CBCT to CT", "ncc"), ("PET to CT", "mind")]
+    # modality pair -> similarity of the test-time optimisation (ncc: multi-axis MI + local NCC; mi: MI alone)
+    PRESETS = [("CT to CT", "ncc"), ("MR to CT", "mi"), ("CBCT to CT", "mi"), ("PET to CT", "mi"),
+               ("MR to MR, same contrast", "ncc"), ("DCE-MRI series (contrast changes)", "mi")]
 
     def setup(self):
         RegistrationWidget.setup(self)
         for label, similarity in self.PRESETS:
             self.ui.modalityPresetCombo.addItem(label, similarity)
+        self.ui.seriesSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateApplyButton)
+
+    def updateApplyButton(self, *_):
+        RegistrationWidget.updateApplyButton(self)
+        if self.ui.seriesSelector.currentNode() is not None and self.run is None:
+            self.ui.applyButton.enabled = True
+            self.ui.applyButton.toolTip = "Register every frame of the series to the reference frame"
 
     def inputs(self):
         return mrml.RegistrationInputs(self.ui.fixedVolumeSelector.currentNode(),
@@ -47,7 +55,8 @@ class TTORegisterWidget(RegistrationWidget):
 
     def options(self):
         opts = RegistrationWidget.options(self)
-        opts.update(similarity=self.ui.modalityPresetCombo.currentData, time_budget=self.ui.timeBudgetSpinBox.value)
+        opts.update(similarity=self.ui.modalityPresetCombo.currentData, time_budget=self.ui.timeBudgetSpinBox.value,
+                    iterations=self.ui.iterationsSpinBox.value, adapt=self.ui.adaptCheckBox.checked)
         return opts
 
     def outputs(self):
@@ -55,12 +64,26 @@ class TTORegisterWidget(RegistrationWidget):
         out.segmentation = self.ui.outputSegmentationSelector.currentNode()
         return out
 
+    def startRun(self):
+        self._series = self.ui.seriesSelector.currentNode()
+        if self._series is None:
+            return RegistrationWidget.startRun(self)
+        return self.logic.start_series(self._series, self.ui.referenceFrameSpinBox.value, self.options())
+
+    def finishRun(self, out):
+        if self._series is None:
+            return RegistrationWidget.finishRun(self, out)
+        corrected = self.logic.load_series(out, self._series)
+        self.log(f"Done: {corrected.GetName()} holds every frame registered to frame "
+                 f"{self.ui.referenceFrameSpinBox.value}.")
+
 
 class TTORegisterLogic(mrml.RegistrationLogic):
-    """GUI-free: ``process(RegistrationInputs, options, outputs, progress)`` on nodes."""
+    """GUI-free: ``process(RegistrationInputs, options, outputs, progress)`` on nodes, and
+    ``process_series(sequence, reference, options)`` for a 4D series."""
 
     def __init__(self, scene=None, python=None):
-        mrml.RegistrationLogic.__init__(self, "io", scene, python)
+        mrml.RegistrationLogic.__init__(self, "tto", scene, python)
 
 
 class TTORegisterTest(ScriptedLoadableModuleTest):

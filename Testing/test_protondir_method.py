@@ -16,6 +16,7 @@ from rtreg.dicomrt import PlanSummary, Structure, read_dicom_series, read_rtstru
 from rtreg.errors import InputError
 from rtreg.metrics import dice
 from rtreg.methods import protondir
+from rtreg.netgrid import edge_taper, working_grid
 from rtreg.models import load_weights, read_manifest, save_weights, MODELS_DIR
 from rtreg.roles import guess_roles
 from rtreg.synth import rt_phantom, write_case
@@ -40,7 +41,7 @@ def _tre(c, result) -> float:
 
 def test_working_grid_is_isotropic_centred_and_sized_for_five_levels():
     g = oblique_grid(shape=(12, 40, 70), spacing=(1.3, 0.9, 2.1))
-    w = protondir.working_grid(g, 3.0)
+    w = working_grid(g, 3.0)
     assert np.allclose(w.spacing, 3.0)
     assert np.allclose(w.direction, g.direction, atol=1e-9)
     assert np.allclose(w.center(), g.center(), atol=1e-6)
@@ -49,16 +50,16 @@ def test_working_grid_is_isotropic_centred_and_sized_for_five_levels():
     assert np.all((np.array(w.size_xyz) - 1) * 3.0 >= extent - 3.0)        # covers the planning CT
     body = np.zeros(g.shape, np.uint8)
     body[3:9, 10:30, 20:50] = 1
-    crop = protondir.working_grid(g, 3.0, region=body, margin_mm=6.0)
+    crop = working_grid(g, 3.0, region=body, margin_mm=6.0)
     corners = g.index_to_world(np.array([[20, 10, 3], [49, 29, 8]], float))
     inside = crop.world_to_index(corners)
     assert np.all(inside >= 6.0 / 3.0 - 1e-6) and np.all(inside <= np.array(crop.size_xyz) - 1 - 2.0 + 1e-6)
-    taper = protondir.edge_taper((32, 32, 48), 4.0)
+    taper = edge_taper((32, 32, 48), 4.0)
     assert taper[16, 16, 24] == 1.0 and taper[0].max() == 0.0 and 0 < taper[16, 16, 2] < 1
 
 
 def test_clinical_inputs_say_what_is_used_and_what_is_missing(phantom):
-    grid = protondir.working_grid(phantom.planning.grid, 3.0)
+    grid = working_grid(phantom.planning.grid, 3.0)
     full = protondir.clinical_inputs(_case(phantom), grid, protondir.CLINICAL_INPUTS, 384)
     assert {"anatomy", "risk"} <= set(full.used)
     assert full.prior.shape == grid.shape and 0 <= full.prior.min() and full.prior.max() <= 1
@@ -165,7 +166,7 @@ def test_an_unusable_dose_is_left_out_with_a_note_and_the_run_goes_on(tmp_path, 
         case = load_case(str(case_dir / "planning_ct.nii.gz"), str(case_dir / "repeat_ct.nii.gz"),
                          structures=str(case_dir / "structures"), dose=str(dose))
         assert case.dose is None and why in case.notes[0] and "left out" in case.notes[0]
-        grid = protondir.working_grid(case.fixed.grid, 3.0)
+        grid = working_grid(case.fixed.grid, 3.0)
         assert "anatomy" in protondir.clinical_inputs(case, grid, ("anatomy", "risk"), 384).used
     with pytest.raises(InputError, match="does not exist"):
         load_case(str(case_dir / "planning_ct.nii.gz"), str(case_dir / "repeat_ct.nii.gz"), dose=str(tmp_path / "no.dcm"))

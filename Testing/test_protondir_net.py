@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rtreg.nets.protondir import ProtonDIRNet, SwinBlock3D, TextFiLM, PriorGate, warp_voxels
+from rtreg.nets.protondir import ProtonDIRNet, SwinBlock3D, TextFiLM, PriorGate
+from rtreg.spatial import warp_voxels
 
 
 def _pair(shape=(32, 36, 40), seed=0):

@@ -66,7 +66,8 @@ def _rtreg(method: str, **extra) -> Runner:
             return str(case_dir / name) if clinical and (case_dir / name).exists() else None
         case = load_case(str(fixed), str(moving), structures=present("structures"), dose=present("dose.nii.gz"),
                          plan=present("plan.txt"))
-        options = RegisterOptions(device="cpu", similarity="mind" if multimodal else "auto", extra=dict(extra))
+        across = "mi" if method == "tto" else "mind"      # the similarity each method uses across modalities
+        options = RegisterOptions(device="cpu", similarity=across if multimodal else "auto", extra=dict(extra))
         result = get_method(method)(case, options, lambda f, m: None)
         return result.transform.total_field(case.fixed.grid)
     return run
@@ -225,6 +226,13 @@ METHODS: List[Method] = [
              _rtreg("protondir", clinical_inputs=inputs, refine=False, network_guard=False), ours=True,
              in_default=False)
       for name, inputs in _ABLATION.items()],
+    Method("tto", "rtreg TTORegister (student + test-time optimisation)", "rtreg", _rtreg("tto"), ours=True),
+    Method("tto-teacher", "TTORegister teacher + test-time optimisation", "rtreg", _rtreg("tto", network="teacher"),
+           ours=True, in_default=False),
+    Method("tto-student-net", "TTORegister student, network only", "rtreg", _rtreg("tto", adapt=False),
+           ours=True, in_default=False),
+    Method("tto-teacher-net", "TTORegister teacher, network only", "rtreg",
+           _rtreg("tto", network="teacher", adapt=False), ours=True, in_default=False),
     Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
     Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
     Method("elastix", "elastix B-spline", "itk", _elastix),

@@ -122,3 +122,4 @@ class RegistrationResult:
     timings: Dict[str, float] = field(default_factory=dict)
     qa: Dict[str, object] = field(default_factory=dict)
     messages: List[str] = field(default_factory=list)
+    maps: Dict[str, Volume] = field(default_factory=dict)   # method QA volumes, written to qa/<name>.nii.gz

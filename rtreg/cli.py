@@ -66,7 +66,7 @@ def _info(_args) -> int:
 
 def _options(args) -> RegisterOptions:
     extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
-             "refine": not args.no_refine}
+             "refine": not args.no_refine, "network": args.network, "adapt": not args.no_adapt}
     return RegisterOptions(device=args.device, seed=args.seed, time_budget_s=args.time_budget,
                            iterations=args.iterations, prealign=args.prealign, similarity=args.similarity,
                            regularization=args.regularization, regularization_weight=args.regularization_weight,
@@ -96,6 +96,24 @@ def _register(args) -> int:
         _print_summary(metrics)
         if args.report:
             print(f"QA report: {metrics['report']}")
+    return 0
+
+
+def _register_series(args) -> int:
+    from .series import register_series_file
+    progress = ProgressPrinter(args.progress)
+    summary = register_series_file(args.series, args.reference_frame, args.method, _options(args), Path(args.out),
+                                   args.fixed_mask, progress,
+                                   command="rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if args.progress == "jsonl":
+        print(json.dumps({"type": "done", "out": str(Path(args.out).resolve()), "seconds": summary["seconds"]}),
+              flush=True)
+    else:
+        print(f"{'frame':>6s}{'NCC before':>12s}{'NCC after':>12s}{'seconds':>9s}")
+        for k, f in sorted(summary["frames"].items(), key=lambda kv: int(kv[0])):
+            print(f"{k:>6s}{f['similarity_before']['ncc']:12.4f}{f['similarity_after']['ncc']:12.4f}"
+                  f"{f['seconds']:9.1f}")
+        print(f"warped series: {Path(args.out) / 'warped_series.nii.gz'}")
     return 0
 
 
@@ -138,6 +156,36 @@ def _train_protondir(args) -> int:
     return main(args)
 
 
+def _train_tto(args) -> int:
+    from .train.tto import main
+    return main(args)
+
+
+def _add_method_options(r: argparse.ArgumentParser) -> None:
+    """The options of a registration run shared by `register` and `register-series`."""
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the optimisation (tto: default 60)")
+    r.add_argument("--iterations", type=int, default=None,
+                   help="iterations per resolution level (tto: of the test-time optimisation, default 100)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--prealign", default="rigid", choices=["none", "com", "moments", "rigid", "affine"])
+    r.add_argument("--similarity", default="auto", choices=["auto", "ncc", "mind", "mi"],
+                   help="auto: by modality; io: ncc or mind; tto: mi (multi-axis MI) or ncc (MI + local NCC)")
+    r.add_argument("--regularization", default="diffusion", choices=["diffusion", "bending"])
+    r.add_argument("--regularization-weight", type=float, default=None)
+    r.add_argument("--working-spacing", type=float, default=2.0, help="finest working grid spacing (mm)")
+    r.add_argument("--clinical-inputs", default="anatomy,risk,text",
+                   help="protondir: which clinical inputs guide the network, comma-separated from anatomy, risk, "
+                   "text ('' for none)")
+    r.add_argument("--no-refine", action="store_true",
+                   help="protondir: the network's field only, without the instance-optimisation refinement")
+    r.add_argument("--network", default="student", choices=["student", "teacher"],
+                   help="tto: the distilled student (default) or the teacher")
+    r.add_argument("--no-adapt", action="store_true",
+                   help="tto: the network's prediction only, without test-time optimisation")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rtreg", description="Registration engine of SlicerProtonDIR")
     ap.add_argument("--version", action="version", version=f"rtreg {__version__}")
@@ -145,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, models found").set_defaults(func=_info)
 
     r = sub.add_parser("register", help="register a moving (repeat) image to a fixed (planning) image")
-    r.add_argument("--method", default="io", help="registration method (io, protondir)")
+    r.add_argument("--method", default="io", help="registration method (io, protondir, tto)")
     r.add_argument("--fixed", required=True, help="planning image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--moving", required=True, help="repeat image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--out", required=True, help="output folder")
@@ -156,20 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "structure that is not the target, the body, a PTV or a marker; '' for none)")
     r.add_argument("--dose", help="dose on the fixed image: RTDOSE file or image in Gy")
     r.add_argument("--plan", help="RTPLAN / RT Ion Plan file, a text file, or plan text")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--time-budget", type=float, default=None, help="seconds for the optimisation")
-    r.add_argument("--iterations", type=int, default=None, help="iterations per resolution level")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prealign", default="rigid", choices=["none", "com", "moments", "rigid", "affine"])
-    r.add_argument("--similarity", default="auto", choices=["auto", "ncc", "mind"])
-    r.add_argument("--regularization", default="diffusion", choices=["diffusion", "bending"])
-    r.add_argument("--regularization-weight", type=float, default=None)
-    r.add_argument("--working-spacing", type=float, default=2.0, help="finest working grid spacing (mm)")
-    r.add_argument("--clinical-inputs", default="anatomy,risk,text",
-                   help="protondir: which clinical inputs guide the network, comma-separated from anatomy, risk, "
-                   "text ('' for none)")
-    r.add_argument("--no-refine", action="store_true",
-                   help="protondir: the network's field only, without the instance-optimisation refinement")
+    _add_method_options(r)
     r.add_argument("--same-frame", action="store_true",
                    help="the images share scanner coordinates although their frame-of-reference UIDs differ")
     r.add_argument("--allow-frame-mismatch", action="store_true",
@@ -179,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none",
                    choices=["bar", "jsonl", "none"])
     r.set_defaults(func=_register)
+
+    rs = sub.add_parser("register-series", help="motion correction: register every frame of a 4D image to a "
+                        "reference frame (tto adapts one network frame after frame)")
+    rs.add_argument("--series", required=True, help="4D NIfTI/NRRD/MHA image (time the 4th axis)")
+    rs.add_argument("--reference-frame", type=int, default=0, help="the frame the others are registered to")
+    rs.add_argument("--method", default="tto", help="registration method (tto, io, protondir)")
+    rs.add_argument("--out", required=True, help="output folder")
+    rs.add_argument("--fixed-mask", help="mask of the region that counts, on the reference frame")
+    _add_method_options(rs)
+    rs.add_argument("--progress", default="bar" if sys.stderr.isatty() else "none",
+                    choices=["bar", "jsonl", "none"])
+    rs.set_defaults(func=_register_series)
 
     e = sub.add_parser("eval", help="metrics of a registration output against a case's ground truth")
     e.add_argument("--case", required=True, help="case folder (points_*.csv and/or truth_structures_on_repeat/)")
@@ -214,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--stop-at", type=int, default=None,
                     help="stop after this step (checkpointed); the same command resumes the run later")
     tp.set_defaults(func=_train_protondir)
+    for role, what in (("teacher", "TTORegister's teacher U-Net on synthetic label-map pairs"),
+                       ("student", "TTORegister's student U-Net, distilled from the teacher's shipped weights")):
+        tt = models.add_parser(f"tto-{role}", help=what + " (see rtreg/train/tto.py)")
+        tt.add_argument("--work", default=None, help=f"checkpoints and log (default train_work/tto-{role}; "
+                        "a rerun resumes from it)")
+        tt.add_argument("--steps", type=int, default=2000 if role == "teacher" else 1000)
+        tt.add_argument("--seed", type=int, default=0)
+        tt.add_argument("--lr", type=float, default=1e-4)
+        tt.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+        tt.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+        tt.add_argument("--models-dir", default=None, help="where to write (and, for the student, read the "
+                        "teacher's) weights (default: Resources/Models)")
+        tt.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
+        tt.add_argument("--stop-at", type=int, default=None,
+                        help="stop after this step (checkpointed); the same command resumes the run later")
+        tt.set_defaults(func=_train_tto)
     return ap
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -211,9 +211,13 @@ def read_volume(path: PathLike) -> Volume:
     except RuntimeError as exc:
         raise InputError(f"cannot read {p} as an image ({exc.args[0].splitlines()[-1] if exc.args else exc}); "
                          f"use a NIfTI, NRRD, MHA file or a DICOM folder") from None
+    if img.GetDimension() == 4:
+        raise InputError(f"{p} is a 4D image ({img.GetSize()[3]} frames of {img.GetSize()[:3]}); a 3D volume is "
+                         "needed here: register its frames with `rtreg register-series --series` or extract "
+                         "one frame first")
     if img.GetDimension() != 3:
         raise InputError(f"{p} is a {img.GetDimension()}D image (size {img.GetSize()}); "
-                         "registration needs a 3D volume: extract one frame first")
+                         "registration needs a 3D volume")
     if p.name.lower().endswith((".nii", ".nii.gz")) and _nifti_has_nonfinite(p):
         raise InputError(f"{p} has NaN or infinite voxels (ITK would read them as 0); replace them (e.g. with "
                          "the background value) before registering")
@@ -221,6 +225,44 @@ def read_volume(path: PathLike) -> Volume:
         units = "HU" if img.GetPixelID() in (sitk.sitkInt16, sitk.sitkInt32) else ""
         return Volume.from_sitk(img, name=_stem(p), units=units, path=str(p))
     return Volume.from_sitk(img, name=_stem(p), path=str(p))
+
+
+def read_frames(path: PathLike) -> List[Volume]:
+    """The 3D frames of a 4D image file (4D NIfTI, NRRD or MHA; time is the 4th axis), in order."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p} does not exist or is not a file; give a 4D NIfTI/NRRD/MHA image")
+    try:
+        img = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {p} as an image ({exc.args[0].splitlines()[-1] if exc.args else exc})"
+                         ) from None
+    if img.GetDimension() != 4:
+        raise InputError(f"{p} is a {img.GetDimension()}D image (size {img.GetSize()}); a 4D series is needed "
+                         "here (for two 3D images use `rtreg register`)")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{p} has {img.GetNumberOfComponentsPerPixel()} components per voxel; give a scalar series")
+    if p.name.lower().endswith((".nii", ".nii.gz")) and _nifti_has_nonfinite(p):
+        raise InputError(f"{p} has NaN or infinite voxels (ITK would read them as 0); replace them before "
+                         "registering")
+    size = list(img.GetSize())
+    frames = []
+    for k in range(size[3]):
+        frame = sitk.Extract(img, size[:3] + [0], [0, 0, 0, k])
+        vol = Volume.from_sitk(frame, name=f"{_stem(p)} frame {k}", path=str(p), frame=k)
+        check_finite(vol, f"frame {k} of the series")
+        frames.append(vol)
+    return frames
+
+
+def write_frames(frames: Sequence[Volume], path: PathLike, dtype=None) -> Path:
+    """Write 3D frames on one grid as a 4D image (time the 4th axis, spacing 1)."""
+    p = Path(path)
+    if any(not f.grid.same_as(frames[0].grid) for f in frames):
+        raise ValueError("the frames of a series must share one grid")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.JoinSeries([f.to_sitk(dtype) for f in frames]), str(p), useCompression=True)
+    return p
 
 
 def _nifti_has_nonfinite(p: Path) -> bool:

@@ -5,7 +5,7 @@ as ``Grid.spacing`` gives it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -104,6 +104,57 @@ def ssim(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, sigma_
     var_a, var_b, cov = f(a * a) - mu_a ** 2, f(b * b) - mu_b ** 2, f(a * b) - mu_a * mu_b
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return float(s[mask > 0].mean() if mask is not None else s.mean())
+
+
+def _quantised(a: np.ndarray, mask: Optional[np.ndarray], bins: int) -> np.ndarray:
+    """Intensities -> bin numbers 0..bins-1, the 0.5-99.5 % range (inside ``mask``) spread over the bins."""
+    values = a[mask > 0] if mask is not None else a.ravel()
+    lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+    x = np.clip((a.astype(np.float64) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    return np.minimum((x * bins).astype(np.int64), bins - 1)
+
+
+def patch_mi_map(fixed: Volume, moving_on_fixed: Volume, mask: Optional[np.ndarray] = None, patch: int = 16,
+                 stride: int = 4, bins: int = 16) -> Tuple[Volume, float]:
+    """Patch-wise mutual information: the MI (nats) of the two images in every ``patch``^3-voxel cube, cubes
+    every ``stride`` voxels; (map, mean).
+
+    The map is a Volume on the grid of the cube centres (spacing ``stride`` x the image's, same direction),
+    0 where the centre lies outside ``mask``; the mean is over the cubes whose centre is inside (all cubes
+    without a mask). Joint histograms have ``bins`` x ``bins`` hard bins over each image's 0.5-99.5 %
+    range, so the map of an image with itself is each cube's entropy, the largest MI any image can reach
+    there."""
+    if fixed.array.shape != moving_on_fixed.array.shape:
+        raise ValueError(f"the images differ in shape {fixed.array.shape} vs {moving_on_fixed.array.shape}: "
+                         "resample the moving image onto the fixed grid first")
+    if min(fixed.array.shape) < patch:
+        raise ValueError(f"the image {fixed.array.shape} is smaller than one {patch}-voxel patch")
+    a, b = _quantised(fixed.array, mask, bins), _quantised(moving_on_fixed.array, mask, bins)
+    win = (patch,) * 3
+    wa = np.lib.stride_tricks.sliding_window_view(a, win)[::stride, ::stride, ::stride]
+    wb = np.lib.stride_tricks.sliding_window_view(b, win)[::stride, ::stride, ::stride]
+    nz, ny, nx = wa.shape[:3]
+    out = np.zeros((nz, ny, nx), np.float32)
+    offset = np.arange(ny * nx)[:, None] * bins * bins
+    for z in range(nz):                               # one slab of cubes at a time keeps memory small
+        joint_index = offset + wa[z].reshape(ny * nx, -1) * bins + wb[z].reshape(ny * nx, -1)
+        joint = np.bincount(joint_index.ravel(), minlength=ny * nx * bins * bins).reshape(ny * nx, bins, bins)
+        p = joint / float(patch ** 3)
+        px, py = p.sum(2, keepdims=True), p.sum(1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p > 0, p * np.log(p / (px * py)), 0.0)
+        out[z] = terms.sum((1, 2)).reshape(ny, nx)
+    centres = (patch - 1) / 2.0 + stride * np.stack(np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx),
+                                                                indexing="ij"), -1)
+    inside = np.ones(out.shape, bool) if mask is None else \
+        mask[tuple(np.round(centres[..., k]).astype(int) for k in range(3))] > 0
+    if not inside.any():
+        raise ValueError("no patch centre lies inside the mask; give a larger mask or none")
+    out[~inside] = 0.0
+    affine = fixed.affine.copy()
+    affine[:3, 3] = fixed.grid.index_to_world(np.full((1, 3), (patch - 1) / 2.0))[0]
+    affine[:3, :3] = fixed.affine[:3, :3] * stride
+    return Volume(out, affine, {"name": "patch-wise MI", "units": "nats"}), float(out[inside].mean())
 
 
 def jacobian_stats(jac: Volume, mask: Optional[np.ndarray] = None) -> dict:

@@ -336,7 +336,9 @@ class RegistrationOutputs:
     def __init__(self, transform=None, warped=None, segmentation=None, dose=None, table=None, jacobian=None):
         self.transform, self.warped, self.segmentation = transform, warped, segmentation
         self.dose, self.table, self.jacobian = dose, table, jacobian
+        self.maps: Dict[str, object] = {}  # a method's QA volumes by name (e.g. patch_mi_after); reused if given
         self.messages: List[str] = []   # after a run: what the engine left out or changed, and why
+        self.summary: List[str] = []    # after a run: the method's own QA in words (method_summary)
 
 
 def _flat_metrics(metrics: Dict) -> Dict[str, object]:
@@ -352,6 +354,10 @@ def _flat_metrics(metrics: Dict) -> Dict[str, object]:
         rows["target"] = target
         rows[f"{target} volume planning (cc)"] = volumes["planning"]
         rows[f"{target} volume on moving (cc)"] = volumes["on_moving"]
+    qa = metrics.get("method_qa") or {}
+    for key in ("patch_mi_mean_before", "patch_mi_mean_after_prealignment", "patch_mi_mean_after"):
+        if key in qa:
+            rows[f"patch-wise MI mean ({key[len('patch_mi_mean_'):].replace('_', ' ')})"] = qa[key]
     rows["time (s)"] = metrics["timings_s"]["total"]
     return rows
 
@@ -402,17 +408,7 @@ class RegistrationLogic:
             if inputs.plan_text.strip():
                 (folder / "plan.txt").write_text(inputs.plan_text.strip() + "\n")
                 args += ["--plan", str(folder / "plan.txt")]
-            for key, flag in (("device", "--device"), ("prealign", "--prealign"), ("time_budget", "--time-budget"),
-                              ("iterations", "--iterations"), ("working_spacing", "--working-spacing"),
-                              ("seed", "--seed"), ("similarity", "--similarity")):
-                if options.get(key) is not None:
-                    args += [flag, str(options[key])]
-            if options.get("same_frame"):
-                args.append("--same-frame")
-            if options.get("refine") is False:
-                args.append("--no-refine")
-            if options.get("clinical_inputs") is not None:
-                args += ["--clinical-inputs", ",".join(options["clinical_inputs"])]
+            args += _option_args(options)
             run.command[4:4] = args
             return run.start()
         except Exception:
@@ -427,6 +423,62 @@ class RegistrationLogic:
         try:
             run.wait(progress)
             return self.load(run.out, inputs, outputs or RegistrationOutputs())
+        finally:
+            run.cleanup()
+
+    # ------------------------------------------------------------ 4D series (a sequence of volumes)
+    def start_series(self, sequence, reference: int, options: Optional[Dict[str, object]] = None):
+        """Write the frames of ``sequence`` (a vtkMRMLSequenceNode of volumes on one grid) as a 4D image and
+        start ``rtreg register-series`` with frame ``reference`` as the fixed image; returns the CliRun."""
+        from .image import write_frames
+        from .runner import CliRun
+        n = sequence.GetNumberOfDataNodes()
+        if n < 2:
+            raise InputError(f"the sequence {sequence.GetName()!r} has {n} frame(s); motion correction needs at "
+                             "least 2")
+        if not 0 <= reference < n:
+            raise InputError(f"reference frame {reference} does not exist; the sequence has frames 0 to {n - 1}")
+        frames = [volume_from_node(sequence.GetNthDataNode(k)) for k in range(n)]
+        if any(not f.grid.same_as(frames[0].grid) for f in frames):
+            raise InputError(f"the frames of {sequence.GetName()!r} lie on different grids; resample them onto "
+                             "one grid first")
+        run = CliRun([], python=self.python, subcommand="register-series")
+        try:
+            path = write_frames(frames, run.workdir / "in" / "series.nii.gz")
+            run.command[4:4] = ["--method", self.method, "--series", str(path), "--reference-frame",
+                                str(reference)] + _option_args(dict(options or {}))
+            return run.start()
+        except Exception:
+            run.cleanup()
+            raise
+
+    def load_series(self, out, sequence, output=None):
+        """The motion-corrected frames as a sequence node (``output`` reused if given) with the input's index
+        values, and a browser node to play it."""
+        from pathlib import Path
+        from .image import read_frames
+        frames = read_frames(Path(out) / "warped_series.nii.gz")
+        seq = output or self.scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{sequence.GetName()} motion-corrected")
+        seq.RemoveAllDataNodes()
+        seq.SetIndexName(sequence.GetIndexName())
+        seq.SetIndexUnit(sequence.GetIndexUnit())
+        for k, frame in enumerate(frames):
+            node = update_volume_node(slicer.vtkMRMLScalarVolumeNode(), frame)
+            node.SetName(f"{seq.GetName()} {k}")
+            seq.SetDataNodeAtValue(node, sequence.GetNthIndexValue(k))
+        if output is None and self.scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):  # the Sequences
+            browser = self.scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{seq.GetName()} browser")
+            browser.SetAndObserveMasterSequenceNodeID(seq.GetID())                          # module's node
+        return seq
+
+    def process_series(self, sequence, reference: int = 0, options: Optional[Dict[str, object]] = None,
+                       output=None, progress=lambda fraction, message: None):
+        """Register every frame of ``sequence`` to frame ``reference`` (blocking); returns the corrected
+        sequence node. On failure the scene is left as it was."""
+        run = self.start_series(sequence, reference, options)
+        try:
+            run.wait(progress)
+            return self.load_series(run.out, sequence, output)
         finally:
             run.cleanup()
 
@@ -453,6 +505,7 @@ class RegistrationLogic:
             structures.append(Structure(name, i, colors.get(name, (255, 0, 0)), (vol.array > 0).astype(np.uint8)))
         moving_grid = _moving_as_scanned(inputs.moving).grid
         dose = read_volume(out / "dose_on_moving.nii.gz") if metrics["dose_mapped"] else None
+        maps = {p.name[:-len(".nii.gz")]: read_volume(p) for p in sorted((out / "qa").glob("*.nii.gz"))}
 
         fixed_name, moving_name = inputs.fixed.GetName(), inputs.moving.GetName()
         t = outputs.transform or self.scene.AddNewNodeByClass("vtkMRMLGridTransformNode",
@@ -478,10 +531,46 @@ class RegistrationLogic:
                 dst_display.SetAndObserveColorNodeID(src_display.GetColorNodeID())
         result.table = add_table_node(self.scene, _flat_metrics(metrics), f"{moving_name} registration QA",
                                       outputs.table)
+        result.maps = {name: _volume_into(self.scene, outputs.maps.get(name), vol,
+                                          f"{moving_name} {name.replace('_', ' ')}") for name, vol in maps.items()}
         place_in_study(self.scene, inputs.fixed, [n for n in (result.transform, result.warped, result.jacobian,
-                                                              result.segmentation, result.dose, result.table) if n])
+                                                              result.segmentation, result.dose, result.table,
+                                                              *result.maps.values()) if n])
         result.messages = list(metrics.get("messages", []))
+        result.summary = method_summary(metrics)
         return result
+
+
+def _option_args(options: Dict[str, object]) -> List[str]:
+    """Command-line flags of a run's options (the panel's choices)."""
+    args: List[str] = []
+    for key, flag in (("device", "--device"), ("prealign", "--prealign"), ("time_budget", "--time-budget"),
+                      ("iterations", "--iterations"), ("working_spacing", "--working-spacing"),
+                      ("seed", "--seed"), ("similarity", "--similarity"), ("network", "--network")):
+        if options.get(key) is not None:
+            args += [flag, str(options[key])]
+    if options.get("same_frame"):
+        args.append("--same-frame")
+    if options.get("refine") is False:
+        args.append("--no-refine")
+    if options.get("adapt") is False:
+        args.append("--no-adapt")
+    if options.get("clinical_inputs") is not None:
+        args += ["--clinical-inputs", ",".join(options["clinical_inputs"])]
+    return args
+
+
+def method_summary(metrics: Dict) -> List[str]:
+    """Lines for the panel's log: what the method's own QA says (the patch-wise MI means, when computed)."""
+    qa = metrics.get("method_qa") or {}
+    lines = []
+    if "patch_mi_mean_after" in qa:
+        lines.append(f"patch-wise MI (mean, nats): before {qa['patch_mi_mean_before']:.3f}, after pre-alignment "
+                     f"{qa['patch_mi_mean_after_prealignment']:.3f}, after {qa['patch_mi_mean_after']:.3f} "
+                     "(volumes 'patch mi before/after')")
+    if "iterations" in qa and "stopped_by" in qa:
+        lines.append(f"optimisation: {qa['iterations']} iterations, stopped by {qa['stopped_by']}")
+    return lines
 
 
 def _moving_as_scanned(node) -> Volume:

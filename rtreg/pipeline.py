@@ -22,7 +22,7 @@ from .dicomrt import Structure, read_dataset, read_rtdose, read_rtplan, read_rts
 from .errors import InputError
 from .field import SpatialTransform, invert, jacobian_determinant, warp, write_field, write_transform
 from .image import Volume, read_volume, resample, write_volume
-from .methods import get_method
+from .methods import Register, get_method
 from .metrics import jacobian_stats, mse, ncc, ssim
 from .priors import body_mask
 from .roles import guess_roles, safe_name
@@ -90,6 +90,13 @@ def load_plan(plan: str):
     return None, plan.strip()
 
 
+def read_mask(path: str, fixed: Volume) -> Volume:
+    """A mask image (non-zero = inside) on the fixed grid (resampled there if it has another grid)."""
+    mk = read_volume(path)
+    arr = mk.array > 0 if mk.grid.same_as(fixed.grid) else resample(mk, fixed.grid, "mask").array > 0
+    return fixed.with_array(arr.astype(np.uint8), name="fixed mask")
+
+
 def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structures: Optional[str] = None,
               dose: Optional[str] = None, plan: Optional[str] = None, same_frame: Optional[bool] = None,
               allow_frame_mismatch: bool = False, target: Optional[str] = None,
@@ -101,9 +108,7 @@ def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structu
     f, m = read_volume(fixed), read_volume(moving)
     case = RegistrationCase(f, m, same_frame=same_frame)
     if fixed_mask:
-        mk = read_volume(fixed_mask)
-        arr = mk.array > 0 if mk.grid.same_as(f.grid) else resample(mk, f.grid, "mask").array > 0
-        case.fixed_mask = f.with_array(arr.astype(np.uint8), name="fixed mask")
+        case.fixed_mask = read_mask(fixed_mask, f)
     if structures:
         case.structures = load_structures(Path(structures), f, allow_frame_mismatch)
         names = [st.name for st in case.structures]
@@ -145,11 +150,15 @@ class SimilarityReport:
 
 
 def run_registration(case: RegistrationCase, method: str, options: RegisterOptions, out: Path,
-                     progress: Progress = no_progress, command: str = "") -> Dict:
-    """Register, write all outputs into ``out`` and return the metrics dictionary (also metrics.json)."""
+                     progress: Progress = no_progress, command: str = "",
+                     register: Optional[Register] = None) -> Dict:
+    """Register, write all outputs into ``out`` and return the metrics dictionary (also metrics.json).
+
+    ``register``: the function that registers (default: ``method``'s), e.g. one that holds a network across
+    the frames of a series."""
     out = Path(out)
     check_writable(out)
-    register = get_method(method)
+    register = register or get_method(method)
     t0 = time.perf_counter()
     result: RegistrationResult = register(case, options, lambda f, m: progress(0.05 + 0.7 * f, m))
     t_reg = time.perf_counter()
@@ -202,6 +211,7 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
         "plan_text": case.plan_text,
     }
     _qa_figures(case, before, warped, jac, total, on_moving, out / "qa", body)
+    _method_maps(result.maps, out / "qa")
     metrics["timings_s"]["total"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
     progress(1.0, f"done: outputs in {out}")
@@ -235,6 +245,18 @@ def _qa_figures(case, before, warped, jac, total, on_moving, qa_dir: Path, body)
             (np.array(moving.array.shape) - 1) / 2
         qa.contours_figure(moving, on_moving, {s.name: s.color for s in case.structures},
                            qa_dir / "structures_on_moving.png", "propagated structures", m_centre)
+
+
+def _method_maps(maps: Dict[str, Volume], qa_dir: Path) -> None:
+    """A method's QA volumes: ``qa/<name>.nii.gz`` and a figure ``qa/<name>.png`` through their centre, all on
+    one colour scale."""
+    if not maps:
+        return
+    top = max(max(float(v.array.max()) for v in maps.values()), 1e-6)
+    for name, vol in maps.items():
+        write_volume(vol, qa_dir / f"{name}.nii.gz", np.float32)
+        qa.map_figure(vol, qa_dir / f"{name}.png", f"{vol.meta.get('name', name)} ({name.split('_')[-1]})",
+                      (np.array(vol.array.shape) - 1) / 2, "viridis", 0.0, top, vol.meta.get("units", ""))
 
 
 def propagate_structures(structures: List[Structure], fixed: Volume, inverse: SpatialTransform, moving: Volume,

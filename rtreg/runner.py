@@ -27,17 +27,18 @@ class RunFailed(RuntimeError):
 
 
 class CliRun:
-    """One ``python -m rtreg.cli register ... --progress jsonl`` child process.
+    """One ``python -m rtreg.cli register ... --progress jsonl`` child process (or ``register-series``).
 
-    ``args`` are the register arguments without ``--progress``; outputs go to
+    ``args`` are the subcommand's arguments without ``--out`` and ``--progress``; outputs go to
     ``self.out`` inside ``self.workdir`` (a temporary folder this run owns).
     """
 
-    def __init__(self, args: Sequence[str], python: Optional[str] = None, workdir: Optional[Path] = None):
+    def __init__(self, args: Sequence[str], python: Optional[str] = None, workdir: Optional[Path] = None,
+                 subcommand: str = "register"):
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="rtreg-run-"))
         self.out = self.workdir / "out"
         self.python = python or sys.executable
-        self.command: List[str] = [self.python, "-m", "rtreg.cli", "register", *args, "--out", str(self.out),
+        self.command: List[str] = [self.python, "-m", "rtreg.cli", subcommand, *args, "--out", str(self.out),
                                    "--progress", "jsonl"]
         self.process: Optional[subprocess.Popen] = None
         self.events: "queue.Queue[Dict]" = queue.Queue()

@@ -69,6 +69,18 @@ def warp(moving: torch.Tensor, u_mm: torch.Tensor, grid: Grid, padding: str = "b
     return sample_at_index(moving, identity_index(shape, moving.device) + du, padding)
 
 
+def warp_voxels(image: torch.Tensor, u_voxels: torch.Tensor) -> torch.Tensor:
+    """image(i + u(i)) for (B, C, z, y, x) images and (B, 3, z, y, x) displacements in voxels (i, j, k)."""
+    idx = identity_index(image.shape[2:], image.device) + u_voxels.permute(0, 2, 3, 4, 1)
+    return torch.cat([sample_at_index(image[k:k + 1], idx[k:k + 1]) for k in range(image.shape[0])], 0)
+
+
+def voxels_to_mm(u_voxels: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(B, 3, z, y, x) displacement in voxels (i, j, k) of ``grid`` -> LPS mm (its direction and spacing)."""
+    axes = torch.as_tensor(grid.affine[:3, :3], dtype=u_voxels.dtype, device=u_voxels.device)
+    return torch.einsum("rc,bczyx->brzyx", axes, u_voxels)
+
+
 def compose_fields(u_first: torch.Tensor, u_second: torch.Tensor, grid: Grid) -> torch.Tensor:
     """The field of warping by ``u_second`` an image already warped by ``u_first`` (both (1, 3, z, y, x) mm on
     ``grid``): m(x + w(x)) with w(x) = u_second(x) + u_first(x + u_second(x))."""

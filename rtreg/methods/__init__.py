@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult
-from . import io, protondir
+from . import io, protondir, tto
 
 Register = Callable[[RegistrationCase, RegisterOptions, Progress], RegistrationResult]
 
-METHODS: Dict[str, Register] = {io.NAME: io.register, protondir.NAME: protondir.register}
+METHODS: Dict[str, Register] = {io.NAME: io.register, protondir.NAME: protondir.register, tto.NAME: tto.register}
 
 
 def get_method(name: str) -> Register:

@@ -32,66 +32,26 @@ import torch
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
-from ..field import SpatialTransform, affine_to_sitk, resample_field
-from ..image import Grid, Volume, resample, smooth_for_downsampling
+from ..field import SpatialTransform, resample_field
+from ..image import Grid, Volume, resample
 from ..memory import check_memory
+from ..netgrid import edge_taper, network_images, working_grid
 from ..models import load_weights
 from ..nets.protondir import ProtonDIRNet
 from ..prealign import prealign
 from ..priors import (anatomy_map, clinical_prior, load_text_encoder, plan_prompts,
                       prescription_from_text, prompt_embedding, risk_map)
 from ..losses import ncc_local
-from ..spatial import field_to_array, to_tensor, warp
+from ..spatial import field_to_array, to_tensor, voxels_to_mm, warp
 from . import io
 
 NAME = "protondir"
 WEIGHTS = "protondir.pt"
 CLINICAL_INPUTS = ("anatomy", "risk", "text")
-BODY_MARGIN_MM = 20.0             # the network's grid covers the planning body's bounding box and this margin
 TAPER_MM = 12.0                   # the network's field falls to zero over this outer band of its grid (air)
 
 
-# ---------------------------------------------------------------- working grid and network inputs
-def working_grid(grid: Grid, spacing_mm: float, multiple: int = 16, minimum: int = 32,
-                 region: Optional[np.ndarray] = None, margin_mm: float = BODY_MARGIN_MM) -> Grid:
-    """An isotropic grid of ``spacing_mm`` with ``grid``'s direction, each axis a multiple of ``multiple``
-    voxels and at least ``minimum`` (what the 5-level network needs), centred on ``grid``'s extent or, with a
-    ``region`` mask (z, y, x) on ``grid``, on that region's bounding box widened by ``margin_mm``."""
-    if region is not None and np.any(region):
-        idx = np.argwhere(region)[:, ::-1]                                  # (i, j, k)
-        lo = np.maximum(idx.min(0) - margin_mm / grid.spacing, 0)
-        hi = np.minimum(idx.max(0) + margin_mm / grid.spacing, np.array(grid.size_xyz) - 1)
-    else:
-        lo, hi = np.zeros(3), np.array(grid.size_xyz, float) - 1
-    extent = (hi - lo) * grid.spacing                                       # mm along i, j, k
-    n = np.floor(extent / spacing_mm).astype(int) + 1
-    n = np.maximum(minimum, -(-n // multiple) * multiple)
-    axes = grid.direction * spacing_mm
-    centre = grid.index_to_world(((lo + hi) / 2)[None])[0]
-    a = np.eye(4)
-    a[:3, :3] = axes
-    a[:3, 3] = centre - axes @ ((n - 1) / 2.0)
-    return Grid(tuple(int(v) for v in n[::-1]), a)
-
-
-def edge_taper(shape_zyx, width_voxels: float) -> np.ndarray:
-    """(z, y, x) weights: 1 inside, falling linearly to 0 over ``width_voxels`` at every face of the grid, so a
-    field computed on a cropped grid meets the zero field outside it without a jump."""
-    ramps = [np.clip(np.minimum(np.arange(n), n - 1 - np.arange(n)) / max(width_voxels, 1e-6), 0, 1)
-             for n in shape_zyx]
-    return (ramps[0][:, None, None] * ramps[1][None, :, None] * ramps[2][None, None, :]).astype(np.float32)
-
-
-def network_images(f_norm: Volume, m_norm: Volume, affine: np.ndarray, grid: Grid) -> Tuple[np.ndarray, np.ndarray]:
-    """(fixed, moving) (z, y, x) float32 in [0, 1] on ``grid`` from the normalised images
-    (:func:`rtreg.methods.io.normalised_images`): anti-aliased, the moving image resampled through the
-    pre-alignment ``affine``."""
-    sp = float(grid.spacing[0])
-    f = resample(smooth_for_downsampling(f_norm, sp), grid, "linear", None, 0.0).array
-    m = resample(smooth_for_downsampling(m_norm, sp), grid, "linear", affine_to_sitk(affine), 0.0).array
-    return f.astype(np.float32), m.astype(np.float32)
-
-
+# ---------------------------------------------------------------- clinical inputs
 @dataclass
 class ClinicalInputs:
     """The prior (z, y, x) on the working grid, the prompts, the text embedding, and what was (not) used."""
@@ -186,8 +146,7 @@ def predict_field(net: ProtonDIRNet, fixed: np.ndarray, moving: np.ndarray, prio
         p = None if prior is None else to_tensor(prior, device)
         t = None if text is None else torch.as_tensor(text, device=device)[None]
         u_vox = net(to_tensor(fixed, device), to_tensor(moving, device), p, t)
-        axes = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32, device=device)
-        return torch.einsum("rc,bczyx->brzyx", axes, u_vox)
+        return voxels_to_mm(u_vox, grid)
 
 
 # ---------------------------------------------------------------- register

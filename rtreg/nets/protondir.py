@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..spatial import identity_index, sample_at_index
+from ..spatial import warp_voxels
 
 CHANNELS = (8, 16, 32, 48, 64)
 TEXT_DIM = 384          # all-MiniLM-L6-v2 sentence embeddings
@@ -237,8 +237,3 @@ class ProtonDIRNet(nn.Module):
             u = u + self.heads[level](h)
         return u
 
-
-def warp_voxels(image: torch.Tensor, u_voxels: torch.Tensor) -> torch.Tensor:
-    """image(i + u(i)) for (B, C, z, y, x) images and (B, 3, z, y, x) displacements in voxels (x, y, z)."""
-    idx = identity_index(image.shape[2:], image.device) + u_voxels.permute(0, 2, 3, 4, 1)
-    return torch.cat([sample_at_index(image[k:k + 1], idx[k:k + 1]) for k in range(image.shape[0])], 0)

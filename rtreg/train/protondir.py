@@ -23,7 +23,6 @@ resumes from a checkpoint ends where an uninterrupted run ends.
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 import time
@@ -40,13 +39,16 @@ from ..field import resample_field
 from ..image import Volume, crop_to_mask, read_volume, resample
 from ..losses import diffusion, ncc_local
 from ..methods.io import normalised_images
-from ..methods.protondir import WEIGHTS, clinical_inputs, network_images, working_grid
+from ..methods.protondir import WEIGHTS, clinical_inputs
+from ..netgrid import network_images, working_grid
 from ..errors import InputError
 from ..models import load_weights, save_weights
-from ..nets.protondir import CHANNELS, TEXT_DIM, ProtonDIRNet, warp_voxels
+from ..nets.protondir import CHANNELS, TEXT_DIM, ProtonDIRNet
 from ..priors import body_mask, load_text_encoder
 from ..roles import guess_roles
+from ..spatial import warp_voxels
 from ..synth import SyntheticCase, deform_real_ct, rt_phantom
+from .loop import cosine_schedule, last_logged, resumable_training
 
 SPACING_MM = 3.0
 CROP = 48                 # training crops of 48^3 voxels (144 mm) where the image allows
@@ -243,50 +245,20 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, smooth_weight
         state, _ = load_weights(Path(init).name, Path(init).parent)
         net.load_state_dict(state)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(      # cosine from lr to lr / 10; plain floats for weights_only
-        opt, lambda k: 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(k, steps) / steps)))
-    ckpt = work / "checkpoint.pt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["step"])
-        log(f"resumed at step {start}")
-    history = work / "log.jsonl"
-    recent: List[Dict[str, float]] = []
-    t0 = time.perf_counter()
-    net.train()
-    last_step = steps if stop_at is None else min(steps, stop_at)
-    for step in range(start, last_step):
+    sched = cosine_schedule(opt, steps)
+
+    def step_losses(step: int) -> Dict[str, torch.Tensor]:
         rng = np.random.default_rng([seed, step])
-        s = sample(pairs[int(rng.integers(len(pairs)))], rng)
-        terms = loss_terms(net, s, smooth_weight, field_weight)
-        opt.zero_grad()
-        terms["total"].backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        recent.append({k: float(v.detach()) for k, v in terms.items()})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == last_step:
-            mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
-            with open(history, "a") as fh:
-                fh.write(json.dumps({"step": step + 1, **mean, "lr": sched.get_last_lr()[0],
-                                     "elapsed_s": time.perf_counter() - t0}) + "\n")
-            log(f"step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
-            recent = []
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step + 1}, ckpt)
-    if last_step < steps:
-        log(f"stopped at step {last_step} of {steps}; run the same command again to resume")
-        return {"steps_done": last_step, "steps": steps}
+        return loss_terms(net, sample(pairs[int(rng.integers(len(pairs)))], rng), smooth_weight, field_weight)
+
+    done = resumable_training(work, net, opt, sched, steps, step_losses, stop_at, checkpoint_every, log=log)
+    if done < steps:
+        return {"steps_done": done, "steps": steps}
     summary = {"steps": steps, "pairs": [p.stem for p in paths], "seed": seed, "lr": lr,
                "init": str(init) if init else None, "pairs_csv": str(pairs_csv) if pairs_csv else None,
                "smooth_weight": smooth_weight, "field_weight": field_weight}
     if export:
-        last = json.loads(history.read_text().strip().splitlines()[-1]) if history.exists() else {}
-        record = {"command": command, "training": summary, "final_loss": last,
+        record = {"command": command, "training": summary, "final_loss": last_logged(work),
                   "data": (f"institutional pairs listed in {pairs_csv}, fine-tuned from {init}" if pairs_csv else
                            "synthetic RT phantoms (seeds 100-105 per site); thorax CT (ct_phase00, ITK test data) "
                            "and IBSI STS_001-003 CTs with known deformations; DCPT head phantom and "

@@ -1,0 +1,219 @@
+"""TTORegister: its losses, synthetic data and networks, the test-time optimisation's stop rules, the
+patch-wise MI map, registration with the shipped student, 4D series, training and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import REPO, smooth_image
+from rtreg.case import RegisterOptions, RegistrationCase
+from rtreg.errors import InputError
+from rtreg.image import Grid, read_frames, read_volume, write_frames, write_volume
+from rtreg.labelmaps import label_map_pair
+from rtreg.losses import multi_axis_mi
+from rtreg.methods import tto
+from rtreg.metrics import patch_mi_map, tre
+from rtreg.models import load_weights, read_manifest
+from rtreg.nets.tto import STUDENT, TEACHER, build
+from rtreg.spatial import warp_voxels
+from rtreg.synth import rt_phantom, rigid_matrix
+
+
+def test_multi_axis_mi_is_largest_for_aligned_images_and_ignores_contrast():
+    g = torch.Generator().manual_seed(0)
+    pair = label_map_pair((32, 32, 32), g, torch.device("cpu"))
+    fixed = pair["fixed"]
+    aligned = warp_voxels(pair["moving"], pair["u_true"])
+    assert multi_axis_mi(fixed, aligned) > multi_axis_mi(fixed, pair["moving"])
+    inverted = 1.0 - fixed                                  # another contrast of the same anatomy
+    assert torch.isclose(multi_axis_mi(fixed, inverted), multi_axis_mi(fixed, fixed), rtol=0.05)
+    shifted = torch.roll(fixed, 3, dims=4)
+    assert multi_axis_mi(fixed, shifted) < 0.8 * multi_axis_mi(fixed, fixed)
+    u = torch.zeros(1, 3, 32, 32, 32, requires_grad=True)
+    multi_axis_mi(fixed, warp_voxels(pair["moving"], u)).backward()
+    assert u.grad.abs().sum() > 0                           # differentiable through the warp
+
+
+def test_label_map_pairs_are_reproducible_and_their_field_is_true():
+    a = label_map_pair((32, 32, 32), torch.Generator().manual_seed(5), torch.device("cpu"))
+    b = label_map_pair((32, 32, 32), torch.Generator().manual_seed(5), torch.device("cpu"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    warped = warp_voxels(a["moving_labels"], a["u_true"])
+    agree = (warped.argmax(1) == a["fixed_labels"].argmax(1)).float().mean()
+    before = (a["moving_labels"].argmax(1) == a["fixed_labels"].argmax(1)).float().mean()
+    assert agree > 0.97 and agree > before + 0.02
+    assert float(a["fixed"].min()) >= 0.0 and float(a["fixed"].max()) <= 1.0
+
+
+def test_networks_have_the_papers_layout_and_start_at_the_identity():
+    teacher, student = build(TEACHER), build(STUDENT)
+    assert [b[0].out_channels for b in teacher.down] == [16, 32, 32, 64] and teacher.bottom[0].out_channels == 64
+    assert [b[0].out_channels for b in student.down] == [16, 24, 24, 32] and student.bottom[0].out_channels == 32
+    assert [b[0].out_channels for b in student.final] == [16, 16, 16] == [b[0].out_channels for b in teacher.final]
+    assert sum(p.numel() for p in student.parameters()) < 0.5 * sum(p.numel() for p in teacher.parameters())
+    x = torch.rand(1, 1, 32, 48, 16)
+    u = student(x, x)
+    assert u.shape == (1, 3, 32, 48, 16) and u.abs().max() < 0.05
+    with pytest.raises(ValueError, match="multiple of 16"):
+        student(torch.rand(1, 1, 20, 32, 32), torch.rand(1, 1, 20, 32, 32))
+
+
+def test_test_time_optimisation_stops_at_its_iterations_or_its_time_budget():
+    net = build(STUDENT)
+    g = torch.Generator().manual_seed(1)
+    pair = label_map_pair((16, 32, 32), g, torch.device("cpu"), same_contrast=True)
+    mask = torch.ones_like(pair["fixed"])
+    qa = tto.adapt(net, pair["fixed"], pair["moving"], mask, True, 100, 1e9)
+    assert qa["iterations"] == 100 and qa["stopped_by"] == "iterations"
+    assert qa["loss"][-1] < qa["loss"][0]                    # the pair's loss went down
+    t0 = time.perf_counter()
+    qa = tto.adapt(net, pair["fixed"], pair["moving"], mask, True, 100_000, 1.0)
+    assert qa["stopped_by"] == "time budget" and 0 < qa["iterations"] < 100_000
+    assert time.perf_counter() - t0 < 1.0 + 2.0              # the last iteration may finish after the budget
+
+
+def test_a_budget_of_zero_is_bad_input():
+    for opts in (RegisterOptions(iterations=0), RegisterOptions(time_budget_s=0.0)):
+        with pytest.raises(InputError, match="budget"):
+            tto.check_budget(opts)
+    assert tto.check_budget(RegisterOptions()) == (100, 60.0)
+
+
+def test_patch_mi_map_is_maximal_for_an_image_with_itself_and_drops_under_misalignment():
+    grid = Grid.from_geometry((40, 44, 48), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    img = smooth_image(grid, seed=3)
+    self_map, self_mean = patch_mi_map(img, img)
+    shifted = img.with_array(np.roll(img.array, 5, axis=2))
+    moved_map, moved_mean = patch_mi_map(img, shifted)
+    assert self_map.array.shape == ((40 - 16) // 4 + 1, (44 - 16) // 4 + 1, (48 - 16) // 4 + 1)
+    assert np.all(moved_map.array <= self_map.array + 1e-6) and moved_mean < 0.7 * self_mean
+    # the map sits on the patch centres: spacing 4 voxels, first centre at index 7.5
+    assert np.allclose(self_map.grid.spacing, 8.0) and np.allclose(self_map.affine[:3, 3], 15.0)
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[:, :, :24] = 1
+    masked, masked_mean = patch_mi_map(img, img, mask)
+    assert (masked.array[:, :, -2:] == 0).all() and masked.array[:, :, 0].min() > 0
+    with pytest.raises(ValueError, match="no patch centre"):
+        patch_mi_map(img, img, np.zeros(grid.shape, np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pelvis():
+    return rt_phantom("pelvis", seed=13, spacing_mm=4.0, n_points=200)
+
+
+def test_shipped_weights_are_in_the_manifest_with_their_training_commands():
+    manifest = read_manifest()
+    for name, role in (("tto_teacher.pt", "tto-teacher"), ("tto_student.pt", "tto-student")):
+        assert manifest[name]["command"].startswith(f"rtreg train {role}")
+        state, config = load_weights(name)
+        build(config).load_state_dict(state)
+    assert manifest["tto_student.pt"]["teacher_sha256"] == manifest["tto_teacher.pt"]["sha256"]
+
+
+def test_student_with_test_time_optimisation_registers_the_pelvis_phantom(pelvis):
+    case = RegistrationCase(pelvis.planning, pelvis.repeat)
+    from rtreg.field import SpatialTransform
+    result = tto.register(case, RegisterOptions(device="cpu", iterations=40, time_budget_s=600.0,
+                                                extra={"max_voxels": 48 * 48 * 32}))
+    base = tre(SpatialTransform(result.prealignment).transform_points(pelvis.points_planning),
+               pelvis.points_repeat)["mean"]
+    after = tre(result.transform.transform_points(pelvis.points_planning), pelvis.points_repeat)["mean"]
+    assert result.qa["iterations"] == 40 and result.qa["adapted"]
+    assert after < 0.8 * base, (base, after)
+    assert result.qa["patch_mi_mean_after"] > result.qa["patch_mi_mean_before"]
+    assert set(result.maps) == {"patch_mi_before", "patch_mi_after"}
+    assert result.transform.displacement.grid.same_as(pelvis.planning.grid)
+
+
+def _series(tmp_path, pelvis):
+    """A 3-frame series: the planning image, then two known rigid motions of it (1 mm and 3 mm, 1-2 degrees)."""
+    from rtreg.field import SpatialTransform, warp
+    fixed = pelvis.planning
+    centre = fixed.grid.index_to_world((np.array(fixed.grid.size_xyz)[None] - 1) / 2.0)[0]
+    frames, motions = [fixed], [np.eye(4)]
+    for rot, shift in (((0, 0, 1.0), (2.0, -1.0, 0.0)), ((2.0, 0, 0), (-3.0, 3.0, 2.0))):
+        a = rigid_matrix(rot, shift, centre)
+        frames.append(warp(fixed, SpatialTransform(np.linalg.inv(a)), fixed.grid, fill=-1000.0))
+        motions.append(a)
+    path = write_frames(frames, tmp_path / "series.nii.gz", np.int16)
+    return path, motions
+
+
+def test_a_4d_series_of_three_frames_comes_back_aligned(tmp_path, pelvis):
+    from rtreg.field import SpatialTransform, warp
+    path, motions = _series(tmp_path, pelvis)
+    frames = read_frames(path)
+    assert len(frames) == 3 and frames[1].grid.same_as(pelvis.planning.grid)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rtreg", "register-series", "--series", str(path),
+                           "--reference-frame", "0", "--out", str(out), "--iterations", "15", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "series.json").read_text())
+    assert summary["n_frames"] == 3 and sorted(summary["frames"]) == ["1", "2"]
+    warped = read_frames(out / "warped_series.nii.gz")
+    ref = pelvis.planning.array.astype(float)
+    body = ref > -400
+    for k in (1, 2):
+        f = summary["frames"][str(k)]
+        assert f["similarity_after"]["ncc"] > f["similarity_before"]["ncc"] + 0.02
+        err_before = np.abs(frames[k].array - ref)[body].mean()
+        err_after = np.abs(warped[k].array - ref)[body].mean()
+        # the best possible: the frame moved back by its true motion (resampling twice leaves ~14 HU here)
+        exact = warp(frames[k], SpatialTransform(motions[k]), pelvis.planning.grid, fill=-1000.0).array
+        err_floor = np.abs(exact - ref)[body].mean()
+        assert err_after < err_floor + 0.3 * (err_before - err_floor), (k, err_before, err_floor, err_after)
+        assert (out / f"frame_{k:03d}" / "transform.h5").exists()
+    assert np.array_equal(warped[0].array, frames[0].array)      # the reference frame is kept as it is
+    assert "frame 1" in proc.stdout or "1" in proc.stdout
+
+
+def test_dimensionality_is_checked_with_a_message(tmp_path, pelvis):
+    path, _ = _series(tmp_path, pelvis)
+    with pytest.raises(InputError, match="register-series"):
+        read_volume(path)                                    # 4D where 3D is expected
+    three_d = write_volume(pelvis.planning, tmp_path / "ct.nii.gz")
+    with pytest.raises(InputError, match="4D series is needed"):
+        read_frames(three_d)                                 # 3D where 4D is expected
+    two_d = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(two_d))
+    with pytest.raises(InputError, match="2D image"):
+        read_volume(two_d)
+    from rtreg.series import register_series
+    with pytest.raises(InputError, match="reference frame 5 does not exist"):
+        register_series(read_frames(path), 5, "tto", RegisterOptions(), tmp_path / "o")
+    proc = subprocess.run([sys.executable, "-m", "rtreg", "register", "--method", "tto", "--fixed", str(three_d),
+                           "--moving", str(three_d), "--out", str(tmp_path / "z"), "--time-budget", "0"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_teacher_training_resumes_where_it_stopped_and_the_student_needs_the_teacher(tmp_path):
+    from rtreg.train.tto import train
+    common = dict(steps=3, threads=1, command="rtreg train tto-teacher --steps 3 (test)", log=lambda m: None)
+    assert train("teacher", tmp_path / "a", stop_at=2, models_dir=tmp_path / "ma", **common) == \
+        {"steps_done": 2, "steps": 3}
+    train("teacher", tmp_path / "a", models_dir=tmp_path / "ma", **common)
+    train("teacher", tmp_path / "b", models_dir=tmp_path / "mb", **common)
+    a, _ = load_weights("tto_teacher.pt", tmp_path / "ma")
+    b, _ = load_weights("tto_teacher.pt", tmp_path / "mb")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    with pytest.raises(InputError, match="missing"):
+        train("student", tmp_path / "s", 2, models_dir=tmp_path / "empty", threads=1, log=lambda m: None)
+    shutil.copytree(tmp_path / "ma", tmp_path / "ms")
+    summary = train("student", tmp_path / "s", 2, models_dir=tmp_path / "ms", threads=1, log=lambda m: None,
+                    command="rtreg train tto-student --steps 2 (test)")
+    entry = read_manifest(tmp_path / "ms")["tto_student.pt"]
+    assert entry["teacher_sha256"] == read_manifest(tmp_path / "ms")["tto_teacher.pt"]["sha256"]
+    assert summary["role"] == "student"

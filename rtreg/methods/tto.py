@@ -1,0 +1,207 @@
+"""TTORegister: a distilled U-Net, optimised on the pair being registered (test-time optimisation).
+
+1. Pre-alignment A (fixed -> moving, rigid by default), as the ``io`` method does it (NCC for images of one
+   modality, Mattes MI otherwise).
+2. Both images are scaled to [0, 1] inside their bodies and resampled to the working grid: isotropic,
+   over the fixed body plus 20 mm, each axis a multiple of 16, at the finest spacing (not below
+   ``options.working_spacing_mm``) whose voxel count keeps the budget on the device
+   (:data:`MAX_VOXELS`: about 100 iterations in 60 s on 2 CPU cores).
+3. The shipped student (:data:`rtreg.nets.tto.STUDENT`, distilled from the teacher; see
+   :mod:`rtreg.train.tto`) predicts a displacement; then its weights are optimised on this pair with Adam:
+   multi-axis mutual information + local NCC (only when the modalities match, or when asked) + diffusion
+   smoothness + a divergence penalty (near-incompressibility), inside the fixed body. It stops at
+   ``options.iterations`` (default 100) or ``options.time_budget_s`` (default 60 s), whichever comes first.
+4. The field (tapered to zero at the working grid's faces) is returned on the fixed grid at full resolution.
+
+QA: the patch-wise MI map (16-voxel cubes, stride 4, centres inside the fixed body, on a 3 mm grid) before
+registration and after, with their means before, after the pre-alignment and after
+(``RegistrationResult.maps`` and ``qa``).
+
+``options.extra``: ``network`` ("student" or "teacher"), ``adapt`` (False: the network's prediction only),
+``max_voxels`` (the working-grid budget), ``learning_rate`` (of the test-time Adam). :func:`register_with` registers with a network the caller holds,
+so a 4D series (:mod:`rtreg.series`) carries the adapted weights from frame to frame.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from functools import lru_cache
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from ..device import resolve_device, seed_everything
+from ..errors import InputError
+from ..field import SpatialTransform, resample_field, warp
+from ..image import Volume, resample, smooth_for_downsampling
+from ..losses import diffusion, divergence_penalty, multi_axis_mi, ncc_local
+from ..memory import check_memory
+from ..metrics import patch_mi_map
+from ..models import load_weights
+from ..netgrid import edge_taper, network_images, spacing_for_budget, working_grid
+from ..nets.tto import RegUNet, build
+from ..prealign import prealign
+from ..spatial import field_to_array, to_tensor, voxels_to_mm, warp_voxels
+from . import io
+
+NAME = "tto"
+TEACHER_WEIGHTS = "tto_teacher.pt"
+STUDENT_WEIGHTS = "tto_student.pt"
+MAX_ITERATIONS = 100
+TIME_BUDGET_S = 60.0
+MAX_VOXELS = {"cpu": 48 * 48 * 64, "cuda": 128 * 128 * 128}
+LEARNING_RATE = 1e-3             # Adam on the network weights; 3e-3 diverges on the pelvis phantom
+SMOOTH_WEIGHT = 1.0            # diffusion of the field in voxels of the working grid
+DIVERGENCE_WEIGHT = 0.1
+TAPER_MM = 12.0
+QA_SPACING_MM = 3.0            # the patch-wise MI maps' grid (or the working grid's spacing, if finer)
+SIMILARITIES = ("auto", "mi", "ncc")   # ncc: multi-axis MI + local NCC; mi: MI alone; auto: NCC if one modality
+
+
+@lru_cache(maxsize=2)
+def _weights(role: str):
+    return load_weights(TEACHER_WEIGHTS if role == "teacher" else STUDENT_WEIGHTS)
+
+
+def load_network(role: str, device: torch.device) -> RegUNet:
+    """A fresh copy of the shipped ``role`` ("student" or "teacher") network on ``device`` (its weights are
+    the caller's to adapt)."""
+    if role not in ("student", "teacher"):
+        raise InputError(f"unknown network {role!r}; use student or teacher")
+    state, config = _weights(role)
+    net = build(config)
+    net.load_state_dict(copy.deepcopy(state))
+    return net.to(device)
+
+
+def check_budget(options: RegisterOptions) -> Tuple[int, float]:
+    """(iterations, seconds) of the test-time optimisation; a budget of zero is bad input."""
+    iterations = MAX_ITERATIONS if options.iterations is None else int(options.iterations)
+    seconds = TIME_BUDGET_S if options.time_budget_s is None else float(options.time_budget_s)
+    if iterations < 1 or not seconds > 0:
+        raise InputError(f"the test-time optimisation budget is {iterations} iterations / {seconds:g} s; give "
+                         "--iterations >= 1 and --time-budget > 0 (or turn the optimisation off to use the "
+                         "network's prediction alone)")
+    return iterations, seconds
+
+
+def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, use_ncc: bool,
+          iterations: int, seconds: float, smooth_weight: float = SMOOTH_WEIGHT,
+          learning_rate: float = LEARNING_RATE, progress: Progress = no_progress) -> Dict[str, object]:
+    """Optimise ``net``'s weights in place on one pair (fixed, moving: (1, 1, z, y, x) in [0, 1] on the working
+    grid; mask (1, 1, z, y, x)); stops at ``iterations`` or ``seconds``. Returns what happened (QA)."""
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    net.train()
+    start = time.perf_counter()
+    qa: Dict[str, object] = {"iterations": 0, "stopped_by": "iterations", "loss": []}
+    for it in range(iterations):
+        if time.perf_counter() - start > seconds:
+            qa["stopped_by"] = "time budget"
+            break
+        opt.zero_grad()
+        u = net(fixed, moving)
+        warped = warp_voxels(moving, u)
+        mi = multi_axis_mi(fixed, warped, mask)
+        loss = -mi + smooth_weight * diffusion(u, [1.0, 1.0, 1.0]) + DIVERGENCE_WEIGHT * divergence_penalty(
+            u, [1.0, 1.0, 1.0])
+        if use_ncc:
+            loss = loss - ncc_local(fixed, warped, 5, mask)
+        loss.backward()
+        opt.step()
+        qa["iterations"] = it + 1
+        if it == 0 or (it + 1) % 10 == 0:
+            qa["loss"].append(round(float(loss.detach()), 5))
+        progress((it + 1) / iterations, f"test-time optimisation {it + 1}/{iterations}: MI {float(mi.detach()):.4f}")
+    qa["seconds"] = time.perf_counter() - start
+    net.eval()
+    return qa
+
+
+def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions,
+                  progress: Progress = no_progress) -> RegistrationResult:
+    """Register ``case.moving`` to ``case.fixed`` with ``net`` (adapted in place unless ``adapt`` is False)."""
+    t0 = time.perf_counter()
+    case.validate(options.prealign)
+    device = next(net.parameters()).device
+    seed_everything(options.seed)
+    do_adapt = bool(options.extra.get("adapt", True))
+    iterations, seconds = check_budget(options)
+    if options.similarity not in SIMILARITIES:
+        raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
+    same = io.same_modality(case)
+    use_ncc = options.similarity == "ncc" or (options.similarity == "auto" and same)
+    messages: List[str] = []
+    fixed_mask, moving_mask = io.registration_masks(case)
+    if fixed_mask.all():
+        messages.append("no body found on the fixed image; similarity counts everywhere")
+    budget = int(options.extra.get("max_voxels", MAX_VOXELS.get(device.type, MAX_VOXELS["cpu"])))
+    spacing = spacing_for_budget(case.fixed.grid, budget, options.working_spacing_mm, fixed_mask)
+    check_memory(case.fixed.grid, spacing, device, channels=16)
+    grid = working_grid(case.fixed.grid, spacing, region=fixed_mask)
+
+    progress(0.0, f"pre-alignment ({options.prealign})")
+    affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask, "ncc" if same else "mi",
+                      device, options.seed, lambda f, m: progress(0.15 * f, m))
+    t_pre = time.perf_counter()
+    f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
+    f_img, m_img = network_images(f_norm, m_norm, affine, grid)
+    body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
+    f_t, m_t = to_tensor(f_img, device), to_tensor(m_img, device)
+    mask_t = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2)
+    t_in = time.perf_counter()
+    qa: Dict[str, object] = {"network": options.extra.get("network", "student"), "adapted": do_adapt,
+                             "similarity": "multi-axis MI + local NCC" if use_ncc else "multi-axis MI",
+                             "working_grid": list(grid.size_xyz), "working_spacing_mm": spacing}
+    if do_adapt:
+        progress(0.2, f"test-time optimisation on a {'x'.join(map(str, grid.size_xyz))} grid at {spacing:.2f} mm")
+        smooth_weight = options.regularization_weight if options.regularization_weight is not None else \
+            SMOOTH_WEIGHT
+        qa.update(adapt(net, f_t, m_t, mask_t, use_ncc, iterations, seconds, smooth_weight,
+                        float(options.extra.get("learning_rate", LEARNING_RATE)),
+                        lambda f, m: progress(0.2 + 0.7 * f, m)))
+    t_adapt = time.perf_counter()
+    with torch.no_grad():
+        net.eval()
+        u_vox = net(f_t, m_t)
+        u_mm = voxels_to_mm(u_vox, grid) * to_tensor(edge_taper(grid.shape, TAPER_MM / spacing), device)
+    t_net = time.perf_counter()
+    field = Volume(field_to_array(u_mm), grid.affine.copy(), {"units": "mm"})
+    transform = SpatialTransform(affine, resample_field(field, case.fixed.grid))
+    progress(0.93, "patch-wise MI maps")
+    maps = patch_mi_maps(f_norm, m_norm, fixed_mask, affine, transform, min(QA_SPACING_MM, spacing), qa)
+    t_end = time.perf_counter()
+    progress(1.0, "done")
+    return RegistrationResult(NAME, transform, affine, str(device),
+                              {"prealign_s": t_pre - t0, "inputs_s": t_in - t_pre, "adaptation_s": t_adapt - t_in,
+                               "network_s": t_net - t_adapt, "total_s": t_end - t0}, qa, messages, maps)
+
+
+def patch_mi_maps(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.ndarray,
+                  transform: SpatialTransform, spacing_mm: float, qa: Dict[str, object]) -> Dict[str, Volume]:
+    """The patch-wise MI maps before registration (no transform) and after it, on an isotropic ``spacing_mm``
+    grid over the fixed body (16-voxel cubes, stride 4, centres inside the body); writes the means before,
+    after the pre-alignment ``affine`` and after into ``qa``."""
+    grid = working_grid(f_norm.grid, spacing_mm, region=fixed_mask)
+    fixed = resample(smooth_for_downsampling(f_norm, spacing_mm), grid)
+    moving = smooth_for_downsampling(m_norm, spacing_mm)
+    body = resample(f_norm.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
+    maps = {}
+    for name, tx in (("before", SpatialTransform(np.eye(4))), ("after_prealignment", SpatialTransform(affine)),
+                     ("after", transform)):
+        mi_map, qa[f"patch_mi_mean_{name}"] = patch_mi_map(fixed, warp(moving, tx, grid, fill=0.0), body)
+        if name != "after_prealignment":
+            maps[f"patch_mi_{name}"] = mi_map
+    qa["patch_mi_grid_spacing_mm"] = spacing_mm
+    return maps
+
+
+def register(case: RegistrationCase, options: RegisterOptions, progress: Progress = no_progress
+             ) -> RegistrationResult:
+    """Register ``case.moving`` to ``case.fixed`` with a fresh copy of the shipped network; see the module
+    docstring."""
+    check_budget(options)
+    return register_with(load_network(str(options.extra.get("network", "student")), resolve_device(options.device)),
+                         case, options, progress)
