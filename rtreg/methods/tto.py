@@ -1,7 +1,7 @@
 """TTORegister: a distilled U-Net, optimised on the pair being registered (test-time optimisation).
 
-1. Pre-alignment A (fixed -> moving, rigid by default), as the ``io`` method does it (NCC for images of one
-   modality, Mattes MI otherwise).
+1. Pre-alignment A (fixed -> moving, rigid by default), as the ``io`` method does it: NCC when the
+   similarity below includes NCC, Mattes MI otherwise (so ``--similarity mi`` also pre-aligns by MI).
 2. Both images are scaled to [0, 1] inside their bodies and resampled to the working grid: isotropic,
    over the fixed body plus 20 mm, each axis a multiple of 16, at the finest spacing (not below
    ``options.working_spacing_mm``) whose voxel count keeps the budget on the device
@@ -143,7 +143,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     grid = working_grid(case.fixed.grid, spacing, region=fixed_mask)
 
     progress(0.0, f"pre-alignment ({options.prealign})")
-    affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask, "ncc" if same else "mi",
+    affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask, "ncc" if use_ncc else "mi",
                       device, options.seed, lambda f, m: progress(0.15 * f, m))
     t_pre = time.perf_counter()
     f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
@@ -154,6 +154,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     t_in = time.perf_counter()
     qa: Dict[str, object] = {"network": options.extra.get("network", "student"), "adapted": do_adapt,
                              "similarity": "multi-axis MI + local NCC" if use_ncc else "multi-axis MI",
+                             "prealign_metric": "ncc" if use_ncc else "mi",
                              "working_grid": list(grid.size_xyz), "working_spacing_mm": spacing}
     if do_adapt:
         progress(0.2, f"test-time optimisation on a {'x'.join(map(str, grid.size_xyz))} grid at {spacing:.2f} mm")
