@@ -86,6 +86,11 @@ def test_a_budget_of_zero_is_bad_input():
         with pytest.raises(InputError, match="budget"):
             tto.check_budget(opts)
     assert tto.check_budget(RegisterOptions()) == (100, 60.0)
+    grid = Grid.from_geometry((32, 32, 32), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0), np.eye(3))
+    img = smooth_image(grid)                 # the network alone needs no optimisation budget
+    result = tto.register(RegistrationCase(img, img), RegisterOptions(device="cpu", iterations=0, prealign="none",
+                                                                      extra={"adapt": False}))
+    assert not result.qa["adapted"] and "iterations" not in result.qa
 
 
 def test_patch_mi_map_is_maximal_for_an_image_with_itself_and_drops_under_misalignment():

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from .case import Progress, RegisterOptions, RegistrationCase, no_progress
 from .errors import InputError
 from .device import resolve_device
@@ -62,7 +64,9 @@ def register_series(frames: List[Volume], reference: int, method: str, options: 
                                          "seconds": metrics["timings_s"]["total"],
                                          "method_qa": metrics["method_qa"], "messages": metrics["messages"]}
             done += 1
-    write_frames([warped[k].with_array(warped[k].array.astype(fixed.array.dtype)) for k in range(len(frames))],
+    integer = np.issubdtype(fixed.array.dtype, np.integer)
+    write_frames([warped[k].with_array((np.round(warped[k].array) if integer else warped[k].array)
+                                       .astype(fixed.array.dtype)) for k in range(len(frames))],
                  out / "warped_series.nii.gz")
     summary["seconds"] = time.perf_counter() - t0
     (out / "series.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -128,7 +128,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     device = next(net.parameters()).device
     seed_everything(options.seed)
     do_adapt = bool(options.extra.get("adapt", True))
-    iterations, seconds = check_budget(options)
+    iterations, seconds = check_budget(options) if do_adapt else (0, 0.0)
     if options.similarity not in SIMILARITIES:
         raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
     same = io.same_modality(case)
@@ -203,6 +203,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
              ) -> RegistrationResult:
     """Register ``case.moving`` to ``case.fixed`` with a fresh copy of the shipped network; see the module
     docstring."""
-    check_budget(options)
+    if options.extra.get("adapt", True):
+        check_budget(options)                   # before loading the network: bad input fails fast
     return register_with(load_network(str(options.extra.get("network", "student")), resolve_device(options.device)),
                          case, options, progress)
