@@ -30,17 +30,41 @@ class QuizRigid(ScriptedLoadableModule):
 
 class QuizRigidWidget(RegistrationWidget):
     module_name = "QuizRigid"
-    method = "io"
-    pending_method = "QuizRigid (query-point matching)"
+    method = "quiz"
+    MODES = [("Rigid (robust fit of the matched points)", "rigid"), ("Translation only (mean displacement)",
+                                                                     "translation")]
+
+    def setup(self):
+        RegistrationWidget.setup(self)
+        self.ui.prealignCombo.enabled = False     # QuizRigid is itself the pre-alignment
+        self.ui.prealignCombo.toolTip = "QuizRigid is the pre-alignment; the other modules offer it as a choice"
+        for label, mode in self.MODES:
+            self.ui.quizModeCombo.addItem(label, mode)
+
+    def inputs(self):
+        return mrml.RegistrationInputs(self.ui.fixedVolumeSelector.currentNode(),
+                                       self.ui.movingVolumeSelector.currentNode(),
+                                       query_points=self.ui.queryPointsSelector.currentNode())
+
+    def options(self):
+        opts = RegistrationWidget.options(self)
+        opts.pop("prealign")
+        opts.update(quiz_mode=self.ui.quizModeCombo.currentData, refine=self.ui.refineCheckBox.checked)
+        return opts
+
+    def finishRun(self, out):
+        RegistrationWidget.finishRun(self, out)
+        self.log("The query points (fixed image) and the matched points (moving image, under the transform) are "
+                 "markups; each point's description gives its confidence and displacement.")
 
 
 class QuizRigidLogic(mrml.RegistrationLogic):
     """GUI-free: ``process(RegistrationInputs, options, outputs, progress)`` on nodes."""
 
     def __init__(self, scene=None, python=None):
-        mrml.RegistrationLogic.__init__(self, "io", scene, python)
+        mrml.RegistrationLogic.__init__(self, "quiz", scene, python)
 
 
 class QuizRigidTest(ScriptedLoadableModuleTest):
     def runTest(self):
-        run_module_selftest(self)
+        run_module_selftest(self, "quiz")

@@ -14,7 +14,8 @@ from rtreg import mrml
 from .environment import ENGINE_REQUIREMENTS, gpu_listed, missing_requirements, python_executable
 
 PREALIGN = [("Rigid (recommended)", "rigid"), ("Affine", "affine"), ("Centre of mass", "com"),
-            ("Principal axes", "moments"), ("None (same scanner coordinates)", "none")]
+            ("Principal axes", "moments"), ("QuizRigid (large pose or field-of-view differences)", "quiz"),
+            ("None (same scanner coordinates)", "none")]
 
 
 class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

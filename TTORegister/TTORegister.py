@@ -88,4 +88,4 @@ class TTORegisterLogic(mrml.RegistrationLogic):
 
 class TTORegisterTest(ScriptedLoadableModuleTest):
     def runTest(self):
-        run_module_selftest(self)
+        run_module_selftest(self, "tto")

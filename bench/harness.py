@@ -54,6 +54,7 @@ class Row:
     jacobian: Dict = field(default_factory=dict)
     similarity: Dict = field(default_factory=dict)          # ncc, ssim, mse inside the planning body
     target_point_errors: List[float] = field(default_factory=list)   # TRE of points within 20 mm of the target
+    translation_error_mm: Optional[float] = None   # |mean over the points of (mapped - true position)|
 
 
 def thread_environment(threads: int = THREADS) -> Dict[str, str]:
@@ -110,13 +111,15 @@ def _score(spec: CaseSpec, case_dir: Path, result: Path) -> Dict:
     body = body_mask(planning)
     ev["similarity"] = SimilarityReport(planning, body)(warp(repeat, transform, planning.grid,
                                                              fill=float(repeat.array.min())))
+    points = np.loadtxt(case_dir / "points_planning.csv", delimiter=",", ndmin=2)
+    truth = np.loadtxt(case_dir / "points_repeat_truth.csv", delimiter=",", ndmin=2)
+    ev["translation_error_mm"] = float(np.linalg.norm((transform.transform_points(points) - truth).mean(0)))
     target, _, _ = guess_roles([st.name for st in structures])
     errors = ev.get("tre_mm", {}).get("errors", [])
     ev["target_point_errors"] = []
     if target and errors:
         mask = next(st.mask for st in structures if st.name == target)
         distance = signed_distance_mm(mask, planning.grid.spacing)
-        points = np.loadtxt(case_dir / "points_planning.csv", delimiter=",", ndmin=2)
         idx = np.clip(np.round(planning.grid.world_to_index(points)).astype(int), 0,
                       np.array(planning.grid.size_xyz) - 1)
         near = distance[idx[:, 2], idx[:, 1], idx[:, 0]] <= NEAR_TARGET_MM
@@ -128,7 +131,8 @@ def _row(spec: CaseSpec, method: str, ev: Dict, **kw) -> Row:
     tre = {k: v for k, v in ev.get("tre_mm", {}).items() if k != "errors"}
     return Row(spec.suite, spec.name, method, point_errors=ev.get("tre_mm", {}).get("errors", []), tre=tre,
                structures=ev.get("structures", {}), jacobian=ev.get("jacobian", {}),
-               similarity=ev.get("similarity", {}), target_point_errors=ev.get("target_point_errors", []), **kw)
+               similarity=ev.get("similarity", {}), target_point_errors=ev.get("target_point_errors", []),
+               translation_error_mm=ev.get("translation_error_mm"), **kw)
 
 
 def before_row(spec: CaseSpec, case_dir: Path, out: Path) -> Row:
@@ -149,6 +153,8 @@ def run_case(spec: CaseSpec, methods: List[Method], cases_dir: Path, results_dir
     rows = [before_row(spec, case_dir, out)]
     multimodal = bool(describe(case_dir)["multimodal"])
     for method in methods:
+        if method.suites and spec.suite not in method.suites:
+            continue
         if not method.available():
             rows.append(Row(spec.suite, spec.name, method.name, "unavailable",
                             f"the module {method.package} is not installed: run `python3 -m bench setup`"))

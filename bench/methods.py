@@ -21,7 +21,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +42,7 @@ class Method:
     same_modality_only: bool = False
     ours: bool = False
     in_default: bool = True   # run by default (otherwise only with --full or when named)
+    suites: Tuple[str, ...] = ()   # the suites it is meant for (rigid alignment: large-offset); () = every suite
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -67,7 +68,9 @@ def _rtreg(method: str, **extra) -> Runner:
         case = load_case(str(fixed), str(moving), structures=present("structures"), dose=present("dose.nii.gz"),
                          plan=present("plan.txt"))
         across = "mi" if method == "tto" else "mind"      # the similarity each method uses across modalities
-        options = RegisterOptions(device="cpu", similarity=across if multimodal else "auto", extra=dict(extra))
+        opts = dict(extra)
+        options = RegisterOptions(device="cpu", similarity=across if multimodal else "auto",
+                                  prealign=str(opts.pop("prealign", "rigid")), extra=opts)
         result = get_method(method)(case, options, lambda f, m: None)
         return result.transform.total_field(case.fixed.grid)
     return run
@@ -115,6 +118,82 @@ def _elastix(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
     ref = sitk.ReadImage(str(fixed))
     img.CopyInformation(ref)
     return _field_volume(img)
+
+
+# ---------------------------------------------------------------- rigid alignment peers (the large-offset suite)
+def _constant_field(fixed: Path, matrix: np.ndarray) -> Volume:
+    """The total displacement on the fixed grid of the 4x4 fixed->moving (LPS mm) ``matrix``."""
+    from rtreg.field import SpatialTransform
+    return SpatialTransform(matrix).total_field(read_volume(fixed).grid)
+
+
+def _sitk_matrix(tx: sitk.Transform) -> np.ndarray:
+    """4x4 fixed->moving matrix of a SimpleITK linear transform (resampling direction)."""
+    a = np.eye(4)
+    origin = np.zeros(3)
+    a[:3, 3] = tx.TransformPoint(tuple(origin))
+    for k in range(3):
+        e = np.zeros(3)
+        e[k] = 1.0
+        a[:3, k] = np.asarray(tx.TransformPoint(tuple(e))) - a[:3, 3]
+    return a
+
+
+def _rtreg_rigid(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    """rtreg's own intensity-based rigid pre-alignment (``--prealign rigid``: the better of identity and the
+    centre-of-mass start, then rigid NCC/MI at 8 and 4 mm), alone."""
+    from rtreg.case import RegistrationCase
+    from rtreg.methods.io import registration_masks
+    from rtreg.prealign import prealign
+    case = RegistrationCase(read_volume(fixed), read_volume(moving))
+    fixed_mask, moving_mask = registration_masks(case)
+    return _constant_field(fixed, prealign(case.fixed, case.moving, "rigid", fixed_mask, moving_mask,
+                                           "mi" if multimodal else "ncc"))
+
+
+def _ants_linear(kind: str) -> Runner:
+    """``ants.registration`` with ``type_of_transform`` Rigid or Affine (Mattes MI, its defaults)."""
+    def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+        import ants
+        reg = ants.registration(ants.image_read(str(fixed)), ants.image_read(str(moving)),
+                                type_of_transform=kind, outprefix=str(work / "ants_"), verbose=False)
+        return _constant_field(fixed, _sitk_matrix(sitk.ReadTransform(reg["fwdtransforms"][0])))
+    return run
+
+
+def _elastix_rigid(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    """elastix's default rigid parameter map (Mattes MI, 4 resolutions)."""
+    import itk
+    f, m = itk.imread(str(fixed), itk.F), itk.imread(str(moving), itk.F)
+    params = itk.ParameterObject.New()
+    params.AddParameterMap(params.GetDefaultParameterMap("rigid"))
+    _, tparams = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
+                                                 output_directory=str(work))
+    field = itk.transformix_deformation_field(m, tparams)
+    img = sitk.GetImageFromArray(itk.array_from_image(field).astype(np.float32), isVector=True)
+    img.CopyInformation(sitk.ReadImage(str(fixed)))
+    return _field_volume(img)
+
+
+def _moments(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    """SimpleITK's centred transform initialiser by image moments (centre of mass and principal axes)."""
+    f = sitk.Cast(sitk.ReadImage(str(fixed)), sitk.sitkFloat32)
+    m = sitk.Cast(sitk.ReadImage(str(moving)), sitk.sitkFloat32)
+    shift = lambda img: img - float(np.min(sitk.GetArrayViewFromImage(img)))  # noqa: E731 - moments of mass >= 0
+    tx = sitk.CenteredTransformInitializer(shift(f), shift(m), sitk.Euler3DTransform(),
+                                           sitk.CenteredTransformInitializerFilter.MOMENTS)
+    return _constant_field(fixed, _sitk_matrix(tx))
+
+
+def _convexadam_translation(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
+    """ConvexAdam's translation mode (``convex_adam_translation``: its field on a 1 mm grid, averaged, rounded
+    to whole moving voxels along the moving image's axes)."""
+    from convexAdam.convex_adam_translation import convex_adam_translation
+    m = sitk.ReadImage(str(moving), sitk.sitkFloat32)
+    t_ijk_mm, _, _ = convex_adam_translation(sitk.ReadImage(str(fixed), sitk.sitkFloat32), m)
+    a = np.eye(4)
+    a[:3, 3] = np.asarray(m.GetDirection()).reshape(3, 3) @ np.asarray(t_ijk_mm)
+    return _constant_field(fixed, a)
 
 
 # ---------------------------------------------------------------- plastimatch
@@ -233,6 +312,22 @@ METHODS: List[Method] = [
            ours=True, in_default=False),
     Method("tto-teacher-net", "TTORegister teacher, network only", "rtreg",
            _rtreg("tto", network="teacher", adapt=False), ours=True, in_default=False),
+    Method("quiz", "rtreg QuizRigid (rigid fit + refinement)", "rtreg", _rtreg("quiz"), ours=True,
+           suites=("large-offset",)),
+    Method("quiz-translation", "QuizRigid, translation only (the paper's), no refinement", "rtreg",
+           _rtreg("quiz", mode="translation", refine=False), ours=True, suites=("large-offset",)),
+    Method("quiz-matching", "QuizRigid, rigid fit of the matches, no refinement", "rtreg",
+           _rtreg("quiz", refine=False), ours=True, suites=("large-offset",)),
+    Method("io-quiz", "rtreg io with QuizRigid pre-alignment", "rtreg", _rtreg("io", prealign="quiz"), ours=True,
+           suites=("large-offset",)),
+    Method("rtreg-rigid", "rtreg rigid pre-alignment alone", "rtreg", _rtreg_rigid, ours=True,
+           suites=("large-offset",)),
+    Method("ants-rigid", "ANTs rigid (MI)", "ants", _ants_linear("Rigid"), suites=("large-offset",)),
+    Method("ants-affine", "ANTs affine (MI)", "ants", _ants_linear("Affine"), suites=("large-offset",)),
+    Method("elastix-rigid", "elastix rigid", "itk", _elastix_rigid, suites=("large-offset",)),
+    Method("moments", "SimpleITK moments initialisation", "SimpleITK", _moments, suites=("large-offset",)),
+    Method("convexadam-translation", "ConvexAdam translation mode", "convexAdam", _convexadam_translation,
+           suites=("large-offset",)),
     Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
     Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
     Method("elastix", "elastix B-spline", "itk", _elastix),

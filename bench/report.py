@@ -87,6 +87,28 @@ def suite_table(summary: Dict[str, Dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+FAILURE_MM = 10.0
+
+
+def offset_table(rows: List[Row]) -> str:
+    """The large-offset suite's own figures per method: translation error, TRE and failures (a case that did
+    not run, or whose mean TRE is above 10 mm), over the same cases."""
+    head = (f"| method | failures (TRE > {FAILURE_MM:g} mm or no result) | translation error mean | translation "
+            "error max | TRE mean (cases without failure) | time / case |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        ok = [r for r in mine if r.status == "ok" and r.tre]
+        good = [r for r in ok if r.tre["mean"] <= FAILURE_MM]
+        failed = [r.case for r in mine if r not in good]
+        moves = [r.translation_error_mm for r in ok if r.translation_error_mm is not None]
+        lines.append(f"| {_label(method)} | {len(failed)}/{len(mine)}" + (f" ({', '.join(failed)})" if failed else "")
+                     + f" | {_fmt(_mean(moves))} mm | {_fmt(max(moves) if moves else None)} mm "
+                     f"| {_fmt(_mean(r.tre['mean'] for r in good))} mm "
+                     f"| {_fmt(_mean(r.seconds for r in ok) if method != 'before' else None, '.1f')} s |")
+    return head + "\n".join(lines) + "\n"
+
+
 def ratio_table(rows: List[Row]) -> str:
     """Our time / peer time, on the cases both completed (below 1: ours is faster)."""
     methods = by_name()
@@ -159,6 +181,9 @@ def write_report(rows: List[Row], folder: Path, command: str, machine: Dict, ela
         n_cases = len({r.case for r in mine})
         parts.append(f"\n### {suite} ({n_cases} case{'s' if n_cases > 1 else ''}: "
                      f"{', '.join(dict.fromkeys(r.case for r in mine))})\n\n" + suite_table(summary))
+        if suite == "large-offset":
+            parts.append("\nRigid alignment figures (translation error: the mean mapped point's distance from the "
+                         "mean true point):\n\n" + offset_table(mine))
         ratios = ratio_table(mine)
         if ratios:
             parts.append("\nTime ratios (ours / peer, same cases, same run; below 1: ours is faster):\n\n" + ratios)

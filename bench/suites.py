@@ -152,11 +152,18 @@ def _multimodal(patient: str, seed: int, amplitude: float) -> Callable[[float], 
     return build
 
 
-def _offset(load, seed: int, keep: float) -> Callable[[float], SyntheticCase]:
+def _offset(load, seed: int, keep: float, cbct: bool = False) -> Callable[[float], SyntheticCase]:
     def build(spacing: float) -> SyntheticCase:
         ct, structs = load(spacing)
-        return large_offset_case(ct, seed=seed, keep_fraction=keep, structures=structs)
+        return large_offset_case(ct, seed=seed, keep_fraction=keep, structures=structs, cbct=cbct)
     return build
+
+
+def _phantom_ct(site: str, seed: int):
+    def load(spacing: float):
+        case = rt_phantom(site, seed=seed, spacing_mm=spacing)
+        return case.planning, case.planning_structures
+    return load
 
 
 def cases() -> List[CaseSpec]:
@@ -194,16 +201,24 @@ def cases() -> List[CaseSpec]:
                  _offset(dcpt, 42, 0.7), dcpt_needs),
         CaseSpec("large-offset", "abdomen-offset", "abdomen CT moved 60 mm / up to 15 deg, 80 % field of view",
                  _offset(totalseg, 43, 0.8), ts_needs, default=False),
+        CaseSpec("large-offset", "dcpt-offset-cbct", "DCPT head moved 60 mm / up to 15 deg, 60 % field of view, "
+                 "CBCT-like (cupping, streaks, noise, circular field of view)", _offset(dcpt, 44, 0.6, True),
+                 dcpt_needs, default=False),
+        CaseSpec("large-offset", "abdomen-offset-cbct", "abdomen CT moved 60 mm / up to 15 deg, 70 % field of view, "
+                 "CBCT-like", _offset(totalseg, 45, 0.7, True), ts_needs, default=False),
+        *[CaseSpec("large-offset", f"{site}-phantom-offset", f"{site} phantom moved 60 mm / up to 15 deg, "
+                   f"{int(keep * 100)} % field of view", _offset(_phantom_ct(site, seed), seed, keep), default=False)
+          for site, seed, keep in (("pelvis", 46, 0.5), ("thorax", 47, 0.6), ("headneck", 48, 0.5))],
     ]
     return out
 
 
 def select(suites: List[str], full: bool, only: Optional[List[str]] = None) -> List[CaseSpec]:
-    """The cases of ``suites`` (default subset unless ``full``; ``only``: case names)."""
+    """The cases of ``suites`` (default subset unless ``full``; ``only``: these case names, in or out of it)."""
     unknown = set(suites) - set(SUITES)
     if unknown:
         raise SystemExit(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
-    return [c for c in cases() if c.suite in suites and (full or c.default) and (not only or c.name in only)]
+    return [c for c in cases() if c.suite in suites and ((c.name in only) if only else (full or c.default))]
 
 
 def build_case(spec: CaseSpec, folder: Path, spacing_mm: float) -> Path:

@@ -112,6 +112,27 @@ class RegisterOptions:
 
 
 @dataclass
+class MatchedPoints:
+    """Point correspondences a method found: ``fixed`` (N, 3) and ``moving`` (N, 3) LPS mm, a confidence in
+    [0, 1] per point, and whether each point was an inlier of the fitted transform."""
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    confidence: np.ndarray
+    inliers: np.ndarray
+
+    def rows(self) -> List[Dict[str, float]]:
+        """One dict per point (for CSV and tables): positions, displacement (mm), confidence, inlier."""
+        out = []
+        for k, (p, q) in enumerate(zip(self.fixed, self.moving)):
+            d = q - p
+            out.append({"point": k + 1, "fixed_x": p[0], "fixed_y": p[1], "fixed_z": p[2],
+                        "moving_x": q[0], "moving_y": q[1], "moving_z": q[2], "dx_mm": d[0], "dy_mm": d[1],
+                        "dz_mm": d[2], "confidence": float(self.confidence[k]), "inlier": int(self.inliers[k])})
+        return out
+
+
+@dataclass
 class RegistrationResult:
     """What a method returns: the fixed->moving transform (pre-alignment + field on the fixed grid) and QA."""
 
@@ -123,3 +144,4 @@ class RegistrationResult:
     qa: Dict[str, object] = field(default_factory=dict)
     messages: List[str] = field(default_factory=list)
     maps: Dict[str, Volume] = field(default_factory=dict)   # method QA volumes, written to qa/<name>.nii.gz
+    matched_points: Optional[MatchedPoints] = None        # correspondences (QuizRigid), written to matched_points.csv

@@ -66,7 +66,8 @@ def _info(_args) -> int:
 
 def _options(args) -> RegisterOptions:
     extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
-             "refine": not args.no_refine, "network": args.network, "adapt": not args.no_adapt}
+             "refine": not args.no_refine, "network": args.network, "adapt": not args.no_adapt,
+             "mode": args.quiz_mode}
     return RegisterOptions(device=args.device, seed=args.seed, time_budget_s=args.time_budget,
                            iterations=args.iterations, prealign=args.prealign, similarity=args.similarity,
                            regularization=args.regularization, regularization_weight=args.regularization_weight,
@@ -80,7 +81,7 @@ def _register(args) -> int:
     same = True if args.same_frame else None
     oars = [o.strip() for o in args.oars.split(",") if o.strip()] if args.oars is not None else None
     case = load_case(args.fixed, args.moving, args.fixed_mask, args.fixed_structures, args.dose, args.plan,
-                     same, args.allow_frame_mismatch, args.target, oars)
+                     same, args.allow_frame_mismatch, args.target, oars, args.query_points)
     metrics = run_registration(case, args.method, _options(args), Path(args.out), progress,
                                command="rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     for message in metrics["messages"]:
@@ -161,6 +162,11 @@ def _train_tto(args) -> int:
     return main(args)
 
 
+def _train_quiz(args) -> int:
+    from .train.quiz import main
+    return main(args)
+
+
 def _add_method_options(r: argparse.ArgumentParser) -> None:
     """The options of a registration run shared by `register` and `register-series`."""
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -169,7 +175,9 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--iterations", type=int, default=None,
                    help="iterations per resolution level (tto: of the test-time optimisation, default 100)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--prealign", default="rigid", choices=["none", "com", "moments", "rigid", "affine"])
+    r.add_argument("--prealign", default="rigid", choices=["none", "com", "moments", "rigid", "affine", "quiz"],
+                   help="pre-alignment before a deformable method; quiz: QuizRigid's query-point matching, for "
+                   "large pose or field-of-view differences (CT vs CBCT, EBRT vs brachytherapy CT)")
     r.add_argument("--similarity", default="auto", choices=["auto", "ncc", "mind", "mi"],
                    help="auto: by modality; io: ncc or mind; tto: mi (multi-axis MI) or ncc (MI + local NCC)")
     r.add_argument("--regularization", default="diffusion", choices=["diffusion", "bending"])
@@ -179,7 +187,10 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
                    help="protondir: which clinical inputs guide the network, comma-separated from anatomy, risk, "
                    "text ('' for none)")
     r.add_argument("--no-refine", action="store_true",
-                   help="protondir: the network's field only, without the instance-optimisation refinement")
+                   help="protondir: the network's field only, without the instance-optimisation refinement; "
+                   "quiz: the matching's transform, without the intensity refinement")
+    r.add_argument("--quiz-mode", default="rigid", choices=["rigid", "translation"],
+                   help="quiz: a robust rigid fit of the matched points, or their mean translation (the paper's)")
     r.add_argument("--network", default="student", choices=["student", "teacher"],
                    help="tto: the distilled student (default) or the teacher")
     r.add_argument("--no-adapt", action="store_true",
@@ -193,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, models found").set_defaults(func=_info)
 
     r = sub.add_parser("register", help="register a moving (repeat) image to a fixed (planning) image")
-    r.add_argument("--method", default="io", help="registration method (io, protondir, tto)")
+    r.add_argument("--method", default="io", help="registration method (io, protondir, tto, quiz)")
     r.add_argument("--fixed", required=True, help="planning image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--moving", required=True, help="repeat image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--out", required=True, help="output folder")
@@ -204,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "structure that is not the target, the body, a PTV or a marker; '' for none)")
     r.add_argument("--dose", help="dose on the fixed image: RTDOSE file or image in Gy")
     r.add_argument("--plan", help="RTPLAN / RT Ion Plan file, a text file, or plan text")
+    r.add_argument("--query-points", help="quiz: points on the fixed image to match, a CSV (columns x,y,z in LPS "
+                   "mm) or a Slicer markups file (.mrk.json, .fcsv); default: chosen automatically")
     _add_method_options(r)
     r.add_argument("--same-frame", action="store_true",
                    help="the images share scanner coordinates although their frame-of-reference UIDs differ")
@@ -277,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
         tt.add_argument("--stop-at", type=int, default=None,
                         help="stop after this step (checkpointed); the same command resumes the run later")
         tt.set_defaults(func=_train_tto)
+    tq = models.add_parser("quiz", help="QuizRigid's network on real and synthetic images with known poses and "
+                           "fields of view (see rtreg/train/quiz.py)")
+    tq.add_argument("--work", default="train_work/quiz", help="sources, checkpoints and log (a rerun resumes)")
+    tq.add_argument("--steps", type=int, default=2500)
+    tq.add_argument("--seed", type=int, default=0)
+    tq.add_argument("--lr", type=float, default=5e-4)
+    tq.add_argument("--size", type=int, default=96, help="view size in voxels (the paper's is 128)")
+    tq.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    tq.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
+    tq.add_argument("--models-dir", default=None, help="where to write the weights (default: Resources/Models)")
+    tq.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
+    tq.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this step (checkpointed); the same command resumes the run later")
+    tq.set_defaults(func=_train_quiz)
     return ap
 
 

@@ -251,6 +251,16 @@ def points_from_markups(node) -> np.ndarray:
     return (np.array(pts, float).reshape(-1, 3) * np.array([-1.0, -1.0, 1.0]))
 
 
+def set_points(node, points_lps: np.ndarray, labels: Sequence[str], descriptions: Sequence[str]) -> None:
+    """Replace the control points of a markups node by (N, 3) LPS mm points (stored in RAS), with labels and
+    descriptions."""
+    node.RemoveAllControlPoints()
+    for p, label, text in zip(np.asarray(points_lps, float).reshape(-1, 3), labels, descriptions):
+        k = node.AddControlPoint(float(-p[0]), float(-p[1]), float(p[2]))
+        node.SetNthControlPointLabel(k, label)
+        node.SetNthControlPointDescription(k, text)
+
+
 def add_table_node(scene, rows: Dict[str, object], name: str, node=None):
     """A two-column (metric, value) table node."""
     if node is None:
@@ -303,12 +313,13 @@ class RegistrationInputs:
     ``segment_ids``: the segments to carry over (None: all); ``dose``: a dose volume on the fixed image;
     ``plan_text``: free text or the summary of an imported plan. Roles, as segment IDs:
     ``target_segment`` (the CTV), ``oar_segments`` (organs at risk; None: guessed from the names) and
-    ``fixed_mask_segment`` (the body: where similarity counts).
+    ``fixed_mask_segment`` (the body: where similarity counts). ``query_points``: a markups node with
+    points on the fixed image for QuizRigid to match (None: chosen automatically).
     """
 
     def __init__(self, fixed, moving, segmentation=None, segment_ids=None, dose=None, plan_text: str = "",
                  fixed_mask_segment: Optional[str] = None, target_segment: Optional[str] = None,
-                 oar_segments: Optional[List[str]] = None):
+                 oar_segments: Optional[List[str]] = None, query_points=None):
         if fixed is None or moving is None:
             raise InputError("select a fixed (planning) and a moving (repeat) volume")
         if fixed is moving:
@@ -318,6 +329,10 @@ class RegistrationInputs:
         self.plan_text = plan_text
         self.fixed_mask_segment = fixed_mask_segment
         self.target_segment, self.oar_segments = target_segment, oar_segments
+        self.query_points = query_points       # a markups node with points on the fixed image (QuizRigid)
+        if query_points is not None and query_points.GetNumberOfControlPoints() == 0:
+            raise InputError(f"the query-point list {query_points.GetName()!r} is empty; place points on the fixed "
+                             "image, or select none to let QuizRigid choose them")
         roles = [r for r in [fixed_mask_segment, target_segment] + list(oar_segments or []) if r]
         if roles and segmentation is None:
             raise InputError("segment roles (target, organs at risk, body) need the structure set; select it")
@@ -337,6 +352,8 @@ class RegistrationOutputs:
         self.transform, self.warped, self.segmentation = transform, warped, segmentation
         self.dose, self.table, self.jacobian = dose, table, jacobian
         self.maps: Dict[str, object] = {}  # a method's QA volumes by name (e.g. patch_mi_after); reused if given
+        self.query_points = None        # QuizRigid: the query points (fixed image) and where they were found
+        self.matched_points = None      # (moving image, under the transform); markups nodes, reused if given
         self.messages: List[str] = []   # after a run: what the engine left out or changed, and why
         self.summary: List[str] = []    # after a run: the method's own QA in words (method_summary)
 
@@ -358,6 +375,11 @@ def _flat_metrics(metrics: Dict) -> Dict[str, object]:
     for key in ("patch_mi_mean_before", "patch_mi_mean_after_prealignment", "patch_mi_mean_after"):
         if key in qa:
             rows[f"patch-wise MI mean ({key[len('patch_mi_mean_'):].replace('_', ' ')})"] = qa[key]
+    for key, label in (("confident_inliers", "matched points: confident inliers"),
+                       ("confidence_mean", "matched points: mean confidence"), ("rotation_deg", "rotation (deg)"),
+                       ("overlap_fraction", "overlap fraction")):
+        if key in qa:
+            rows[label] = qa[key]
     rows["time (s)"] = metrics["timings_s"]["total"]
     return rows
 
@@ -408,6 +430,10 @@ class RegistrationLogic:
             if inputs.plan_text.strip():
                 (folder / "plan.txt").write_text(inputs.plan_text.strip() + "\n")
                 args += ["--plan", str(folder / "plan.txt")]
+            if inputs.query_points is not None:
+                rows = ["x,y,z"] + [",".join(f"{v:.4f}" for v in p) for p in points_from_markups(inputs.query_points)]
+                (folder / "query_points.csv").write_text("\n".join(rows) + "\n")
+                args += ["--query-points", str(folder / "query_points.csv")]
             args += _option_args(options)
             run.command[4:4] = args
             return run.start()
@@ -507,10 +533,19 @@ class RegistrationLogic:
         dose = read_volume(out / "dose_on_moving.nii.gz") if metrics["dose_mapped"] else None
         maps = {p.name[:-len(".nii.gz")]: read_volume(p) for p in sorted((out / "qa").glob("*.nii.gz"))}
 
+        matched = _read_matched_points(out / metrics["matched_points"]) if metrics.get("matched_points") else None
+
         fixed_name, moving_name = inputs.fixed.GetName(), inputs.moving.GetName()
-        t = outputs.transform or self.scene.AddNewNodeByClass("vtkMRMLGridTransformNode",
-                                                              f"{moving_name} to {fixed_name} ({self.method})")
-        set_grid_transform(t, field, from_parent=True)
+        linear = metrics.get("transform_kind") == "linear"
+        name = f"{moving_name} to {fixed_name} ({self.method})"
+        if linear:   # FromParent = A (fixed -> moving, RAS): the moving volume under it lands on the fixed one
+            reuse = outputs.transform is not None and outputs.transform.IsA("vtkMRMLLinearTransformNode")
+            t = outputs.transform if reuse else self.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+            a = np.asarray(metrics["prealignment_matrix_lps"], float)
+            t.SetMatrixTransformFromParent(_numpy_to_matrix(LPS_RAS @ a @ LPS_RAS))
+        else:
+            t = outputs.transform or self.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+            set_grid_transform(t, field, from_parent=True)
         t.SetNodeReferenceID("fixedVolume", inputs.fixed.GetID())
         t.SetNodeReferenceID("movingVolume", inputs.moving.GetID())
         t.SetAttribute("rtreg.direction", "FromParent maps fixed (planning) points to moving (repeat) points")
@@ -533,12 +568,36 @@ class RegistrationLogic:
                                       outputs.table)
         result.maps = {name: _volume_into(self.scene, outputs.maps.get(name), vol,
                                           f"{moving_name} {name.replace('_', ' ')}") for name, vol in maps.items()}
+        if matched is not None:
+            fixed_pts, moving_pts, texts = matched
+            labels = [f"Q{k + 1}" for k in range(len(fixed_pts))]
+            result.query_points = outputs.query_points or self.scene.AddNewNodeByClass(
+                "vtkMRMLMarkupsFiducialNode", f"{moving_name} query points")
+            set_points(result.query_points, fixed_pts, labels, texts)
+            result.matched_points = outputs.matched_points or self.scene.AddNewNodeByClass(
+                "vtkMRMLMarkupsFiducialNode", f"{moving_name} matched points")
+            set_points(result.matched_points, moving_pts, labels, texts)
+            result.matched_points.SetAndObserveTransformNodeID(t.GetID())   # they sit on the moving image
         place_in_study(self.scene, inputs.fixed, [n for n in (result.transform, result.warped, result.jacobian,
                                                               result.segmentation, result.dose, result.table,
+                                                              result.query_points, result.matched_points,
                                                               *result.maps.values()) if n])
         result.messages = list(metrics.get("messages", []))
         result.summary = method_summary(metrics)
         return result
+
+
+def _read_matched_points(path) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """(fixed (N, 3), moving (N, 3) LPS mm, a description per point) from ``matched_points.csv``."""
+    import csv
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    fixed = np.array([[float(r[f"fixed_{a}"]) for a in "xyz"] for r in rows]).reshape(-1, 3)
+    moving = np.array([[float(r[f"moving_{a}"]) for a in "xyz"] for r in rows]).reshape(-1, 3)
+    texts = [f"confidence {float(r['confidence']):.2f}, {'inlier' if r['inlier'] == '1' else 'outlier'}, "
+             f"displacement ({float(r['dx_mm']):.1f}, {float(r['dy_mm']):.1f}, {float(r['dz_mm']):.1f}) mm LPS"
+             for r in rows]
+    return fixed, moving, texts
 
 
 def _option_args(options: Dict[str, object]) -> List[str]:
@@ -555,6 +614,8 @@ def _option_args(options: Dict[str, object]) -> List[str]:
         args.append("--no-refine")
     if options.get("adapt") is False:
         args.append("--no-adapt")
+    if options.get("quiz_mode") is not None:
+        args += ["--quiz-mode", str(options["quiz_mode"])]
     if options.get("clinical_inputs") is not None:
         args += ["--clinical-inputs", ",".join(options["clinical_inputs"])]
     return args
@@ -568,6 +629,10 @@ def method_summary(metrics: Dict) -> List[str]:
         lines.append(f"patch-wise MI (mean, nats): before {qa['patch_mi_mean_before']:.3f}, after pre-alignment "
                      f"{qa['patch_mi_mean_after_prealignment']:.3f}, after {qa['patch_mi_mean_after']:.3f} "
                      "(volumes 'patch mi before/after')")
+    if "confident_inliers" in qa:
+        lines.append(f"query-point matching: {qa['confident_inliers']} confident inliers of {qa['query_points']} "
+                     f"points (mean confidence {qa['confidence_mean']:.2f}); rotation {qa['rotation_deg']:.1f} deg, "
+                     "translation (" + ", ".join(f"{v:.1f}" for v in qa["translation_mm"]) + ") mm LPS")
     if "iterations" in qa and "stopped_by" in qa:
         lines.append(f"optimisation: {qa['iterations']} iterations, stopped by {qa['stopped_by']}")
     return lines

@@ -4,7 +4,8 @@ Outputs (in ``out``): ``transform.h5`` (fixed->moving ITK composite, LPS),
 ``displacement.mha`` (total field on the fixed grid), ``warped_moving.nii.gz``,
 ``structures_on_moving/<ROI>.nii.gz`` and ``dose_on_moving.nii.gz`` (fixed-image
 structures and dose carried onto the moving grid through the inverse mapping),
-``jacobian.nii.gz``, ``metrics.json`` and ``qa/*.png``.
+``jacobian.nii.gz``, ``metrics.json``, ``qa/*.png``, and for a method that matches points (QuizRigid)
+``matched_points.csv``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from .case import MatchedPoints, Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from .dicomrt import Structure, read_dataset, read_rtdose, read_rtplan, read_rtstruct, write_rtstruct
 from .errors import InputError
 from .field import SpatialTransform, invert, jacobian_determinant, warp, write_field, write_transform
@@ -100,7 +101,7 @@ def read_mask(path: str, fixed: Volume) -> Volume:
 def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structures: Optional[str] = None,
               dose: Optional[str] = None, plan: Optional[str] = None, same_frame: Optional[bool] = None,
               allow_frame_mismatch: bool = False, target: Optional[str] = None,
-              oars: Optional[List[str]] = None) -> RegistrationCase:
+              oars: Optional[List[str]] = None, query_points: Optional[str] = None) -> RegistrationCase:
     """Read every input named on the command line into a RegistrationCase (inputs are only read).
 
     ``target``/``oars`` name structures by role; without them the roles are guessed from the names
@@ -131,7 +132,43 @@ def load_case(fixed: str, moving: str, fixed_mask: Optional[str] = None, structu
                              "belongs to another image; give the planning CT's dose (or --allow-frame-mismatch)")
     if plan:
         case.plan, case.plan_text = load_plan(plan)
+    if query_points:
+        case.query_points = read_points(Path(query_points))
     return case
+
+
+def read_points(path: Path) -> np.ndarray:
+    """(N, 3) LPS mm points from a CSV (a header row naming columns x, y, z, in LPS mm), a Slicer markups
+    JSON (``.mrk.json``, LPS or RAS) or a Slicer fiducial list (``.fcsv``, LPS or RAS as its header says)."""
+    if not path.is_file():
+        raise InputError(f"the points file {path} does not exist")
+    name = path.name.lower()
+    try:
+        if name.endswith(".json"):
+            doc = json.loads(path.read_text())
+            rows = []
+            for markup in doc.get("markups", []):
+                ras = markup.get("coordinateSystem", "LPS") == "RAS"
+                for cp in markup.get("controlPoints", []):
+                    p = np.asarray(cp["position"], np.float64)
+                    rows.append(p * [-1, -1, 1] if ras else p)
+            pts = np.array(rows, np.float64).reshape(-1, 3)
+        elif name.endswith(".fcsv"):
+            lines = path.read_text().splitlines()
+            ras = not any("CoordinateSystem" in ln and ("LPS" in ln or "= 1" in ln) for ln in lines if ln.startswith("#"))
+            rows = [[float(v) for v in ln.split(",")[1:4]] for ln in lines if ln.strip() and not ln.startswith("#")]
+            pts = np.array(rows, np.float64).reshape(-1, 3) * ([-1, -1, 1] if ras else 1)
+        else:
+            import csv
+            with open(path, newline="") as fh:
+                table = list(csv.DictReader(fh))
+            pts = np.array([[float(r["x"]), float(r["y"]), float(r["z"])] for r in table], np.float64).reshape(-1, 3)
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read points from {path}: {exc}; give a CSV with columns x,y,z (LPS mm) or a "
+                         "Slicer markups file") from None
+    if len(pts) == 0:
+        raise InputError(f"{path} holds no points")
+    return pts
 
 
 class SimilarityReport:
@@ -201,6 +238,7 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
         "inverse_residual_mm": {"mean": inverse.residual_mean_mm, "max": inverse.residual_max_mm,
                                 "iterations": inverse.iterations},
         "prealignment_matrix_lps": result.prealignment.tolist(),
+        "transform_kind": "linear" if result.transform.displacement is None else "deformable",
         "method_qa": result.qa,
         "messages": case.notes + [f"structure {s.name!r} is empty on the planning image; it is carried as an "
                                   "empty structure" for s in case.structures if s.empty] + result.messages,
@@ -212,6 +250,9 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     }
     _qa_figures(case, before, warped, jac, total, on_moving, out / "qa", body)
     _method_maps(result.maps, out / "qa")
+    if result.matched_points is not None:
+        write_matched_points(result.matched_points, out / "matched_points.csv")
+        metrics["matched_points"] = "matched_points.csv"
     metrics["timings_s"]["total"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
     progress(1.0, f"done: outputs in {out}")
@@ -257,6 +298,15 @@ def _method_maps(maps: Dict[str, Volume], qa_dir: Path) -> None:
         write_volume(vol, qa_dir / f"{name}.nii.gz", np.float32)
         qa.map_figure(vol, qa_dir / f"{name}.png", f"{vol.meta.get('name', name)} ({name.split('_')[-1]})",
                       (np.array(vol.array.shape) - 1) / 2, "viridis", 0.0, top, vol.meta.get("units", ""))
+
+
+def write_matched_points(points: MatchedPoints, path: Path) -> None:
+    """One CSV row per point: fixed and moving position (LPS mm), displacement (mm), confidence, inlier."""
+    rows = points.rows()
+    with open(path, "w") as fh:
+        fh.write(",".join(rows[0]) + "\n")
+        for r in rows:
+            fh.write(",".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + "\n")
 
 
 def propagate_structures(structures: List[Structure], fixed: Volume, inverse: SpatialTransform, moving: Volume,

@@ -16,7 +16,7 @@ from .image import Volume, normalize_intensity, resample, smooth_for_downsamplin
 from .losses import mutual_information, ncc_global
 from .spatial import sample_at_index, to_tensor, world_to_index_torch
 
-KINDS = ("none", "com", "moments", "rigid", "affine")
+KINDS = ("none", "com", "moments", "rigid", "affine", "quiz")
 
 
 def center_of_mass(volume: Volume, mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -168,10 +168,10 @@ def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str =
                     similarity: str = "ncc", levels_mm: Sequence[float] = (8.0, 4.0),
                     iterations: Sequence[int] = (60, 40), device: torch.device = torch.device("cpu"),
                     seed: int = 0, max_points: int = 60_000, progress: Progress = no_progress) -> np.ndarray:
-    """Refine ``init`` (4x4 fixed->moving) with a rigid or affine model, coarse to fine.
+    """Refine ``init`` (4x4 fixed->moving) with a translation, rigid or affine model, coarse to fine.
 
     Parameters act about the fixed mask's centre: A(x) = M (x - c) + c + t, with
-    M = R (rigid) or R (I + L) (affine). Fixed samples are up to ``max_points``
+    M = I (translation), R (rigid) or R (I + L) (affine). Fixed samples are up to ``max_points``
     voxels of the fixed mask per level; samples that fall outside the moving
     image do not count.
     """
@@ -198,7 +198,9 @@ def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str =
     done = 0
     for level, (sp, n_it) in enumerate(zip(levels_mm, iterations)):
         samples = _Samples(f_norm, m_norm, fixed_mask, sp, gen, max_points, device)
-        params = [{"params": [rotvec], "lr": 0.01}, {"params": [shift], "lr": sp / 4}]
+        params = [{"params": [shift], "lr": sp / 4}]
+        if kind != "translation":
+            params.append({"params": [rotvec], "lr": 0.01})
         if kind == "affine":
             params.append({"params": [lin], "lr": 0.005})
         opt = torch.optim.Adam(params)
@@ -222,15 +224,22 @@ def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.n
              moving_mask: Optional[np.ndarray] = None, similarity: str = "ncc",
              device: torch.device = torch.device("cpu"), seed: int = 0, progress: Progress = no_progress
              ) -> np.ndarray:
-    """The 4x4 fixed->moving pre-alignment of ``kind`` (none, com, moments, rigid, affine).
+    """The 4x4 fixed->moving pre-alignment of ``kind`` (none, com, moments, rigid, affine, quiz).
 
     rigid and affine start from identity or the centre-of-mass translation, whichever
-    :func:`best_start` scores higher.
+    :func:`best_start` scores higher; quiz is QuizRigid's query-point matching and its refinement
+    (:func:`rtreg.methods.quiz.align`), for poses and fields of view too different for that start.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown pre-alignment {kind!r}; use one of {KINDS}")
     if kind == "none":
         return np.eye(4)
+    if kind == "quiz":
+        if fixed_mask is None or moving_mask is None:
+            raise ValueError("QuizRigid pre-alignment needs the fixed and moving body masks")
+        from .methods.quiz import align    # the method builds on this module's optimise_linear
+        return align(fixed, moving, fixed_mask, moving_mask, similarity, device=device, seed=seed,
+                     progress=progress)[0].affine
     com = translation(center_of_mass(moving, moving_mask) - center_of_mass(fixed, fixed_mask))
     if kind == "com":
         return com

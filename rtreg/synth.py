@@ -392,7 +392,7 @@ def deform_real_ct(ct: Volume, kind: str = "soft_tissue", seed: int = 0, amplitu
 
 def large_offset_case(ct: Volume, seed: int = 0, max_translation_mm: float = 60.0,
                       max_rotation_deg: float = 15.0, keep_fraction: float = 0.6, n_points: int = 300,
-                      structures: Sequence[Structure] = ()) -> SyntheticCase:
+                      structures: Sequence[Structure] = (), cbct: bool = False) -> SyntheticCase:
     """A rigid pose difference far beyond a setup error, seen through a cropped field of view.
 
     The truth is a rotation about the body centre (each Euler angle uniform in
@@ -400,7 +400,8 @@ def large_offset_case(ct: Volume, seed: int = 0, max_translation_mm: float = 60.
     in a random direction. The repeat image sees a box of ``keep_fraction`` of
     the planning extent along each axis (at a random place), as a brachytherapy
     or cone-beam CT sees part of the planning CT. Points are kept only where
-    both images see them (and inside the body).
+    both images see them (and inside the body). ``cbct``: the repeat image also gets
+    cone-beam CT artefacts (:func:`cbct_artefacts`).
     """
     if not 0.2 <= keep_fraction <= 1.0:
         raise ValueError("keep_fraction must lie in [0.2, 1]")
@@ -422,9 +423,31 @@ def large_offset_case(ct: Volume, seed: int = 0, max_translation_mm: float = 60.
     inverse = SpatialTransform(np.linalg.inv(setup))
     sees = body & _seen_from(ct.grid, setup, rgrid, margin_voxels=2)
     pts = _points_in(ndimage.binary_erosion(sees, iterations=2), ct.grid, n_points, rng)
-    return _known_transform_case("large_offset", ct, ct, rgrid, truth, inverse, structures, pts,
+    case = _known_transform_case("large_offset", ct, ct, rgrid, truth, inverse, structures, pts,
                                  {"translation_mm": float(np.linalg.norm(translation)),
                                   "keep_fraction": keep_fraction})
+    if cbct:
+        case.repeat = cbct_artefacts(case.repeat, rng)
+    return case
+
+
+def cbct_artefacts(ct: Volume, rng: np.random.Generator) -> Volume:
+    """A cone-beam-CT-like version of a CT (HU): cupping (soft tissue darker towards the centre of each
+    axial slice, up to 80 HU), streaks (an in-plane sinusoidal pattern of up to 40 HU), noise (30 HU) and the
+    circular field of view of the detector (air outside a cylinder of 90 % of the smaller in-plane extent)."""
+    a = ct.array.astype(np.float32)
+    nz, ny, nx = a.shape
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    r = np.hypot((x - (nx - 1) / 2) / (nx / 2), (y - (ny - 1) / 2) / (ny / 2))
+    angle = rng.uniform(0, np.pi)
+    streaks = np.sin((x * np.cos(angle) + y * np.sin(angle)) * rng.uniform(0.3, 0.8))
+    inside = a > -500
+    a = a - inside * 80.0 * np.clip(1 - r ** 2, 0, 1)[None] + 40.0 * streaks[None] * inside
+    a = a + rng.normal(0, 30.0, a.shape).astype(np.float32)
+    a[:, r > 0.9] = -1000.0
+    out = ct.with_array(a.astype(np.float32))
+    out.meta = dict(ct.meta, name=f"{ct.meta.get('name', 'image')} (CBCT-like)")
+    return out
 
 
 def _seen_from(grid: Grid, transform: np.ndarray, other: Grid, margin_voxels: int = 0) -> np.ndarray:

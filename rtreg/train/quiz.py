@@ -1,0 +1,362 @@
+"""``rtreg train quiz``: QuizRigid's network, resumable, and its weights.
+
+Sources (built once into ``<work>/sources.pt``: 3 mm isotropic, scaled to [0, 1] inside the body):
+
+* synthetic RT phantoms (pelvis, thorax, head and neck; seeds 300-303, none of the benchmark's);
+* the real thorax CT (``../shared/data/thorax_ct``), the second TotalSegmentator subject (``example_ct_dicom``)
+  and the TotalSegmentator abdominal MR (``example_mr_sm``);
+* the IBSI soft-tissue-sarcoma patients STS_002 and STS_003: their CT as the reference and, half of the
+  time, their T1 MR (same frame of reference) as the search image, a real multimodal pair with a known
+  alignment.
+
+Held out: the DCPT head phantom and the TotalSegmentator abdominal CT ``example_ct`` (the large-offset
+benchmark's cases) and STS_001 (the multimodal benchmark's default case). The thorax CT also makes the benchmark's ``--full`` thorax case (with other
+transforms); its numbers say so.
+
+Every step draws, per sample and seeded by (seed, step): a reference field of view (the whole source or a
+box of 60-100 % per axis); a similarity transform (rotations up to 15 degrees per axis, a translation of
+up to 60 mm, scale 0.92-1.08); a search field of view of 35-100 % per axis around a body point the
+reference sees (the local-to-global case); intensity changes (gamma, contrast) and, at random, a
+different modality (a random non-monotonic intensity map), CBCT-like noise, cupping and streaks, and blur.
+Views are sampled as :mod:`rtreg.methods.quiz` samples them (world-axis cubes over both bodies, one side).
+Axis permutations and flips of the storage need no augmentation: the views are in world axes.
+
+Loss (the paper's, in two phases): the point loss (Huber, 4 mm, over the points the search image sees)
+plus the visibility loss (binary cross-entropy) and (ours, for a strong early signal on a CPU budget) the
+cross-entropy of the matching logits against the search token that holds each point, while the quizzer learns (the first 70 % of the steps);
+then the position reset is trained too: the search image is moved by the mean predicted displacement
+(differentiable grid sampling), the network answers again, and the loss adds that second point loss and
+``alpha`` x (-NCC) between the reference and the reset search view.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..image import Volume, crop_to_mask, normalize_intensity, read_volume, resample
+from ..methods.quiz import MARGIN_MM, WEIGHTS
+from ..models import save_weights
+from ..nets.quiz import DEFAULT, QuizNet, build
+from ..priors import body_mask
+from ..synth import rt_phantom
+from .loop import cosine_schedule, last_logged, resumable_training
+
+SPACING_MM = 3.0
+SIZE = 96                 # the shipped views (the paper's 128 with --size 128: about 3x slower to train)
+BATCH = 4
+QUERIES = 256            # per sample: the encoder's cost dominates, so many points cost little
+QUIZZER_FRACTION = 0.7    # the first 70 % of the steps train the quizzer alone; then the position reset too
+ALPHA = 0.5               # weight of -NCC after the reset
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+HELD_OUT = ("DCPT head phantom, TotalSegmentator example_ct (the large-offset benchmark's cases), IBSI STS_001 (the "
+            "multimodal benchmark's default case)")
+
+
+# ---------------------------------------------------------------- sources
+def _prepared(volume: Volume, partner: Optional[Volume] = None) -> Dict[str, torch.Tensor]:
+    """One training source: the image (and a same-frame partner of another modality) on a 3 mm grid cropped
+    to the body, scaled to [0, 1] inside it; the index->world affine; up to 20k body points (LPS mm)."""
+    grid = volume.grid.with_spacing(SPACING_MM)
+    vol = resample(volume, grid, fill=float(volume.array.min()))
+    body = body_mask(vol)
+    vol = crop_to_mask(vol, body, margin_mm=6.0)
+    body = body_mask(vol)
+    out = {"image": torch.as_tensor(normalize_intensity(vol, body)), "affine": torch.as_tensor(vol.grid.affine)}
+    if partner is not None:
+        p = resample(partner, vol.grid, fill=float(partner.array.min()))
+        pb = body_mask(p)
+        out["partner"] = torch.as_tensor(normalize_intensity(p, pb if pb.any() else None))
+    idx = np.argwhere(body)[:, ::-1].astype(np.float64)
+    idx = idx[np.random.default_rng(0).permutation(len(idx))[:20_000]]
+    out["body_points"] = torch.as_tensor(vol.grid.index_to_world(idx), dtype=torch.float32)
+    return out
+
+
+def _as_ct(v: Volume) -> Volume:
+    v.meta.update(modality="CT", units="HU")
+    return v
+
+
+def source_builders(data: Path = DATA) -> Dict[str, Callable[[], Dict[str, torch.Tensor]]]:
+    """Name -> builder of every training source whose data is present."""
+    out: Dict[str, Callable[[], Dict[str, torch.Tensor]]] = {}
+    for site in ("pelvis", "thorax", "headneck"):
+        for seed in (300, 301, 302, 303):
+            out[f"phantom-{site}-{seed}"] = lambda s=site, sd=seed: _prepared(rt_phantom(s, seed=sd).planning)
+    thorax = data / "thorax_ct" / "ct_phase00.nii.gz"
+    if thorax.exists():
+        out["thorax-ct"] = lambda: _prepared(_as_ct(read_volume(thorax)))
+    ts_dicom = data / "totalsegmentator" / "example_ct_dicom"
+    if ts_dicom.exists():
+        out["totalseg-ct-dicom"] = lambda: _prepared(_as_ct(read_volume(ts_dicom)))
+    ts_mr = data / "totalsegmentator" / "example_mr_sm.nii.gz"
+    if ts_mr.exists():
+        out["totalseg-mr"] = lambda: _prepared(read_volume(ts_mr))
+    for patient in ("STS_002", "STS_003"):       # STS_001 is the multimodal benchmark's default case
+        folder = data / "ibsi_sts" / "nifti" / patient
+        if folder.exists():
+            out[f"sts-{patient}"] = lambda f=folder: _prepared(_as_ct(read_volume(f / "CT_image.nii.gz")),
+                                                               read_volume(f / "MR_T1_image.nii.gz"))
+    return out
+
+
+def ensure_sources(work: Path, log: Callable[[str], None], data: Path = DATA) -> List[Dict[str, torch.Tensor]]:
+    """The sources, built once into ``<work>/sources.pt`` (a rerun reads them back)."""
+    path = Path(work) / "sources.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        return [blob[k] for k in sorted(blob)]
+    blob = {}
+    for name, build_source in source_builders(data).items():
+        log(f"building source {name}")
+        blob[name] = build_source()
+    Path(work).mkdir(parents=True, exist_ok=True)
+    torch.save(blob, path)
+    return [blob[k] for k in sorted(blob)]
+
+
+# ---------------------------------------------------------------- one training sample
+def _rotation(angles_rad: torch.Tensor) -> torch.Tensor:
+    cx, cy, cz = torch.cos(angles_rad)
+    sx, sy, sz = torch.sin(angles_rad)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def view_points(center: torch.Tensor, side: float, size: int) -> torch.Tensor:
+    """(n, n, n, 3) LPS mm voxel centres of a world-axis cube (array order z, y, x; components x, y, z)."""
+    axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size * side - side / 2
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    return torch.stack([x, y, z], -1) + center
+
+
+def sample_world(image: torch.Tensor, affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``image`` (z, y, x) with index->world ``affine`` (4x4) at world ``points`` (..., 3): trilinear, 0
+    outside the image (beyond half a voxel from the edge voxels' centres, as SimpleITK's resampling does);
+    differentiable in ``points``."""
+    inv = torch.linalg.inv(affine.double()).float()
+    idx = points @ inv[:3, :3].T + inv[:3, 3]
+    n = torch.tensor(image.shape[::-1], dtype=torch.float32)
+    norm = (idx + 0.5) / n * 2 - 1                  # align_corners=False
+    out = F.grid_sample(image[None, None].float(), norm.reshape(1, -1, 1, 1, 3), mode="bilinear",
+                        padding_mode="border", align_corners=False).reshape(points.shape[:-1])
+    return out * ((idx >= -0.5) & (idx <= n - 0.5)).all(-1)
+
+
+def _inside(points: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return ((points >= lo) & (points <= hi)).all(-1)
+
+
+def _augment(x: torch.Tensor, inside: torch.Tensor, gen: torch.Generator, strong: bool) -> torch.Tensor:
+    """Intensity changes inside the field of view (outside stays 0)."""
+    u = lambda: float(torch.rand((), generator=gen))  # noqa: E731
+    x = x.clamp(0, 1) ** math.exp(0.8 * u() - 0.4)
+    x = x * (0.8 + 0.4 * u())
+    if strong and u() < 0.3:                         # another modality: a random non-monotonic intensity map
+        knots = torch.rand(6, generator=gen)
+        pos = x.clamp(0, 1) * 5
+        k = pos.floor().clamp(max=4).long()
+        x = knots[k] + (knots[k + 1] - knots[k]) * (pos - k)
+    n = x.shape[0]
+    if strong and u() < 0.3:                         # CBCT-like: cupping, streaks and noise
+        c = torch.linspace(-1, 1, n)
+        zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+        x = x * (1 - 0.3 * u() * (xx ** 2 + yy ** 2))
+        angle = 3.1416 * u()
+        x = x + 0.08 * u() * torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 40 * u())
+        x = x + 0.06 * u() * torch.randn(x.shape, generator=gen)
+    if u() < 0.3:
+        x = F.avg_pool3d(x[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
+    return torch.where(inside, x, torch.zeros_like(x))
+
+
+def draw(source: Dict[str, torch.Tensor], gen: torch.Generator, size: int, queries: int
+         ) -> Dict[str, torch.Tensor]:
+    """One sample from ``source``: the two views, the query points and where the search view shows them."""
+    u = lambda *s: torch.rand(s, generator=gen)  # noqa: E731
+    image, affine, pts = source["image"], source["affine"].float(), source["body_points"]
+    search_image = source["partner"] if "partner" in source and float(u(1)) < 0.5 else image
+    lo, hi = pts.min(0).values - 3, pts.max(0).values + 3
+    ext = hi - lo
+    # the reference field of view
+    if float(u(1)) < 0.5:
+        f_lo, f_hi = lo, hi
+    else:
+        frac = 0.6 + 0.4 * u(3)
+        f_lo = lo + (ext * (1 - frac)) * u(3)
+        f_hi = f_lo + ext * frac
+    f_pts = pts[_inside(pts, f_lo, f_hi)]
+    if len(f_pts) < 50:
+        f_lo, f_hi, f_pts = lo, hi, pts
+    # the pose difference (reference world -> search world): x -> s R (x - c) + c + t
+    centre = pts.mean(0)
+    rot = _rotation(math.radians(15) * (2 * u(3) - 1)) * (0.92 + 0.16 * float(u(1)))
+    direction = torch.randn(3, generator=gen)
+    shift = direction / direction.norm() * 60 * float(u(1))
+    def to_search(x: torch.Tensor) -> torch.Tensor:
+        return (x - centre) @ rot.T + centre + shift
+    inv_rot = torch.linalg.inv(rot)
+    def to_reference(y: torch.Tensor) -> torch.Tensor:
+        return (y - centre - shift) @ inv_rot.T + centre
+    # the search field of view: a box around a body point the reference sees
+    s_pts_all = to_search(pts)
+    if float(u(1)) < 0.3:
+        s_lo, s_hi = s_pts_all.min(0).values - 3, s_pts_all.max(0).values + 3
+    else:
+        frac = 0.35 + 0.65 * u(3)
+        middle = to_search(f_pts[int(torch.randint(len(f_pts), (1,), generator=gen))])
+        s_ext = s_pts_all.max(0).values - s_pts_all.min(0).values
+        s_lo, s_hi = middle - s_ext * frac / 2, middle + s_ext * frac / 2
+    s_pts = s_pts_all[_inside(s_pts_all, s_lo, s_hi)]
+    if len(s_pts) < 50:
+        s_lo, s_hi = s_pts_all.min(0).values - 3, s_pts_all.max(0).values + 3
+        s_pts = s_pts_all
+    # views as QuizRigid makes them: centred on each body's box, one side
+    f_box = (f_pts.min(0).values, f_pts.max(0).values)
+    s_box = (s_pts.min(0).values, s_pts.max(0).values)
+    side = float(max((f_box[1] - f_box[0]).max(), (s_box[1] - s_box[0]).max())) + 2 * MARGIN_MM
+    f_center, s_center = (f_box[0] + f_box[1]) / 2, (s_box[0] + s_box[1]) / 2
+    x = view_points(f_center, side, size)
+    ref = sample_world(image, affine, x)
+    ref = _augment(ref, _inside(x, f_lo, f_hi), gen, strong=False)
+    y = view_points(s_center, side, size)
+    search = sample_world(search_image, affine, to_reference(y))
+    search = _augment(search, _inside(y, s_lo, s_hi), gen, strong=True)
+    # query points: body points the reference sees, jittered by up to half a voxel of the source
+    q = f_pts[torch.randint(len(f_pts), (queries,), generator=gen)] + (u(queries, 3) - 0.5) * SPACING_MM
+    truth = to_search(q)
+    return {"reference": ref[None], "search": search[None], "queries": (q - f_center) / (side / 2),
+            "truth_mm": truth, "visible": _inside(truth, s_lo, s_hi).float(), "side": torch.tensor(side),
+            "f_center": f_center, "s_center": s_center, "to_reference_rot": inv_rot, "centre": centre,
+            "shift": shift, "s_lo": s_lo, "s_hi": s_hi, "search_image": search_image, "affine": affine}
+
+
+# ---------------------------------------------------------------- losses
+def _point_loss(pred_mm: torch.Tensor, truth_mm: torch.Tensor, visible: torch.Tensor):
+    err = (pred_mm - truth_mm).norm(dim=-1)
+    huber = F.huber_loss(pred_mm, truth_mm, reduction="none", delta=4.0).sum(-1)
+    n = visible.sum().clamp_min(1)
+    return (huber * visible).sum() / n / 10.0, (err * visible).sum() / n
+
+
+def _token_loss(logits: torch.Tensor, truth_norm: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the matching logits (B, Q, t^3) against the search token that holds each visible
+    point's true position (normalised (x, y, z), B x Q x 3): a strong early signal for the soft-argmax."""
+    t = round(logits.shape[-1] ** (1 / 3))
+    ijk = ((truth_norm.clamp(-1, 1 - 1e-6) + 1) / 2 * t).floor().long()
+    target = (ijk[..., 2] * t + ijk[..., 1]) * t + ijk[..., 0]
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(visible.shape)
+    return (ce * visible).sum() / visible.sum().clamp_min(1)
+
+
+def _ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Global NCC of (B, n, n, n) images inside (B, n, n, n) masks, averaged over the batch."""
+    w = mask.float()
+    n = w.flatten(1).sum(1).clamp_min(1)
+    ma = (a * w).flatten(1).sum(1) / n
+    mb = (b * w).flatten(1).sum(1) / n
+    da, db = (a - ma.view(-1, 1, 1, 1)) * w, (b - mb.view(-1, 1, 1, 1)) * w
+    cov = (da * db).flatten(1).sum(1)
+    return (cov / ((da ** 2).flatten(1).sum(1) * (db ** 2).flatten(1).sum(1)).sqrt().clamp_min(1e-6)).mean()
+
+
+def losses(net: QuizNet, samples: List[Dict[str, torch.Tensor]], reset: bool) -> Dict[str, torch.Tensor]:
+    """The point, visibility and (with ``reset``) position-reset losses of a batch of samples."""
+    size = net.config["size"]
+    ref = torch.stack([s["reference"] for s in samples])
+    search = torch.stack([s["search"] for s in samples])
+    queries = torch.stack([s["queries"] for s in samples])
+    truth = torch.stack([s["truth_mm"] for s in samples])
+    visible = torch.stack([s["visible"] for s in samples])
+    half = torch.stack([s["side"] for s in samples]).view(-1, 1, 1) / 2
+    s_center = torch.stack([s["s_center"] for s in samples])[:, None]
+    pos, vis_logit, logits = net(ref, search, queries)
+    pred = s_center + pos * half
+    point, err = _point_loss(pred, truth, visible)
+    vis = F.binary_cross_entropy_with_logits(vis_logit, visible)
+    token = _token_loss(logits, (truth - s_center) / half, visible)
+    terms = {"point": point, "token": token, "visibility": vis, "error_mm": err.detach()}
+    total = point + token + 0.5 * vis
+    if reset:
+        # the position reset: sample the search image at x + t for the reference view's points x, with t the
+        # mean predicted displacement of the points it sees (differentiable in t)
+        f_center = torch.stack([s["f_center"] for s in samples])[:, None]
+        q_mm = f_center + queries * half
+        t = ((pred - q_mm) * visible[..., None]).sum(1) / visible.sum(1, keepdim=True).clamp_min(1)
+        resets, sees = [], []
+        for k, s in enumerate(samples):
+            y = view_points(s["f_center"], float(s["side"]), size) + t[k]
+            src = (y - s["centre"] - s["shift"]) @ s["to_reference_rot"].T + s["centre"]
+            inside = _inside(y, s["s_lo"], s["s_hi"])
+            resets.append(sample_world(s["search_image"], s["affine"], src) * inside)
+            sees.append(inside & (s["reference"][0] > 0))
+        reset_view = torch.stack(resets)[:, None]
+        pos2, vis2, _ = net(ref, reset_view, queries)
+        pred2 = f_center + pos2 * half + t[:, None]
+        point2, err2 = _point_loss(pred2, truth, visible)
+        ncc = _ncc(ref[:, 0], reset_view[:, 0], torch.stack(sees))
+        terms.update(point_reset=point2, ncc_reset=ncc, error_reset_mm=err2.detach())
+        total = total + point2 + 0.5 * F.binary_cross_entropy_with_logits(vis2, visible) - ALPHA * ncc
+    terms["total"] = total
+    return terms
+
+
+def train(work: Path, steps: int, seed: int = 0, lr: float = 5e-4, size: int = SIZE, export: bool = True,
+          models_dir: Optional[Path] = None, command: str = "", threads: Optional[int] = None,
+          stop_at: Optional[int] = None, data: Path = DATA, log: Callable[[str], None] = print) -> Dict:
+    """Train (resuming from ``<work>/checkpoint.pt``), then write the weights and their manifest entry."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    sources = ensure_sources(Path(work), log, data)
+    if not sources:
+        raise RuntimeError("no training sources")
+    config = dict(DEFAULT, size=size)
+    net = build(config)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = cosine_schedule(opt, steps)
+    first_reset = int(QUIZZER_FRACTION * steps)
+
+    def step_losses(step: int) -> Dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        picks = torch.randperm(len(sources), generator=gen)[:BATCH].tolist()
+        samples = [draw(sources[k], gen, size, QUERIES) for k in picks]
+        terms = losses(net, samples, reset=step >= first_reset)
+        if step < first_reset:     # the same keys in every logged line
+            zero = torch.zeros(())
+            terms.update(point_reset=zero, ncc_reset=zero, error_reset_mm=zero)
+        return terms
+
+    done = resumable_training(Path(work), net, opt, sched, steps, step_losses, stop_at, log=log)
+    if done < steps:
+        return {"steps_done": done, "steps": steps}
+    summary = {"steps": steps, "seed": seed, "lr": lr, "size": size, "batch": BATCH, "queries": QUERIES,
+               "quizzer_steps": first_reset, "alpha": ALPHA}
+    if export:
+        record = {"command": command, "training": summary, "final_loss": last_logged(Path(work)),
+                  "data": f"sources: {', '.join(sorted(source_builders(data)))}; held out: {HELD_OUT}"}
+        path = save_weights(WEIGHTS, net.state_dict(), config, record, models_dir)
+        summary["weights"] = str(path)
+        log(f"weights written to {path}")
+    return summary
+
+
+def main(args) -> int:
+    """Entry point of ``rtreg train quiz`` (arguments from :mod:`rtreg.cli`)."""
+    command = "rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = train(Path(args.work), args.steps, args.seed, args.lr, args.size, export=not args.no_export,
+                    models_dir=Path(args.models_dir) if args.models_dir else None, command=command,
+                    threads=args.threads, stop_at=args.stop_at,
+                    data=Path(args.data) if args.data else DATA, log=lambda m: print(m, flush=True))
+    print(json.dumps(summary, indent=2))
+    return 0
