@@ -301,3 +301,36 @@ def test_training_resumes_where_an_uninterrupted_run_ends_and_exports_weights(tm
     assert config["size"] == 32 and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 3 and log[-1]["point_reset"] > 0     # the reset phase trained (70 % of 3 steps)
+
+
+def test_query_point_files_are_read_in_lps(tmp_path):
+    """CSV (LPS), Slicer markups JSON (RAS) and .fcsv (LPS or RAS by its header) give the same LPS points; an
+    empty or unreadable file is refused."""
+    from rtreg.pipeline import read_points
+    lps = np.array([[10.0, -20.0, 30.0], [-5.0, 7.5, 1.0]])
+    (tmp_path / "p.csv").write_text("x,y,z\n" + "\n".join(",".join(map(str, p)) for p in lps) + "\n")
+    (tmp_path / "p.mrk.json").write_text(json.dumps({"markups": [{"coordinateSystem": "RAS", "controlPoints": [
+        {"position": [-p[0], -p[1], p[2]]} for p in lps]}]}))
+    (tmp_path / "lps.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+                                       + "\n".join(f"{k},{p[0]},{p[1]},{p[2]},0,0,0,1,1,1,0,F-{k},," for k, p
+                                                   in enumerate(lps)) + "\n")
+    (tmp_path / "ras.fcsv").write_text("# Markups fiducial file version = 4.11\n# CoordinateSystem = 0\n"
+                                       + "\n".join(f"{k},{-p[0]},{-p[1]},{p[2]},0,0,0,1,1,1,0,F-{k},," for k, p
+                                                   in enumerate(lps)) + "\n")
+    for name in ("p.csv", "p.mrk.json", "lps.fcsv", "ras.fcsv"):
+        np.testing.assert_allclose(read_points(tmp_path / name), lps, err_msg=name)
+    (tmp_path / "empty.csv").write_text("x,y,z\n")
+    with pytest.raises(InputError, match="holds no points"):
+        read_points(tmp_path / "empty.csv")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="cannot read points"):
+        read_points(tmp_path / "bad.csv")
+
+
+def test_a_generic_itk_transform_becomes_its_matrix():
+    """``field.sitk_linear_to_affine`` on a transform without matrix accessors (as files may read back)."""
+    import SimpleITK as sitk
+    from rtreg.field import sitk_linear_to_affine
+    euler = sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, -0.2, 0.3, (5.0, -4.0, 2.0))
+    np.testing.assert_allclose(sitk_linear_to_affine(sitk.Transform(euler)), sitk_linear_to_affine(euler),
+                               atol=1e-9)

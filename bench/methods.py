@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from rtreg.field import sitk_linear_to_affine
 from rtreg.image import Volume, read_volume
 
 Runner = Callable[[Path, Path, Path, bool], Volume]
@@ -127,18 +128,6 @@ def _constant_field(fixed: Path, matrix: np.ndarray) -> Volume:
     return SpatialTransform(matrix).total_field(read_volume(fixed).grid)
 
 
-def _sitk_matrix(tx: sitk.Transform) -> np.ndarray:
-    """4x4 fixed->moving matrix of a SimpleITK linear transform (resampling direction)."""
-    a = np.eye(4)
-    origin = np.zeros(3)
-    a[:3, 3] = tx.TransformPoint(tuple(origin))
-    for k in range(3):
-        e = np.zeros(3)
-        e[k] = 1.0
-        a[:3, k] = np.asarray(tx.TransformPoint(tuple(e))) - a[:3, 3]
-    return a
-
-
 def _rtreg_rigid(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
     """rtreg's own intensity-based rigid pre-alignment (``--prealign rigid``: the better of identity and the
     centre-of-mass start, then rigid NCC/MI at 8 and 4 mm), alone."""
@@ -157,7 +146,7 @@ def _ants_linear(kind: str) -> Runner:
         import ants
         reg = ants.registration(ants.image_read(str(fixed)), ants.image_read(str(moving)),
                                 type_of_transform=kind, outprefix=str(work / "ants_"), verbose=False)
-        return _constant_field(fixed, _sitk_matrix(sitk.ReadTransform(reg["fwdtransforms"][0])))
+        return _constant_field(fixed, sitk_linear_to_affine(sitk.ReadTransform(reg["fwdtransforms"][0])))
     return run
 
 
@@ -182,7 +171,7 @@ def _moments(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
     shift = lambda img: img - float(np.min(sitk.GetArrayViewFromImage(img)))  # noqa: E731 - moments of mass >= 0
     tx = sitk.CenteredTransformInitializer(shift(f), shift(m), sitk.Euler3DTransform(),
                                            sitk.CenteredTransformInitializerFilter.MOMENTS)
-    return _constant_field(fixed, _sitk_matrix(tx))
+    return _constant_field(fixed, sitk_linear_to_affine(tx))
 
 
 def _convexadam_translation(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:

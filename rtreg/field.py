@@ -32,8 +32,17 @@ def affine_to_sitk(affine: np.ndarray) -> sitk.AffineTransform:
 
 
 def sitk_linear_to_affine(tx: sitk.Transform) -> np.ndarray:
-    """Any ITK matrix-offset transform (Euler, Versor, Similarity, Affine) -> 4x4: y = M (x - c) + c + t."""
-    m = np.array(tx.GetMatrix(), dtype=np.float64).reshape(3, 3) if hasattr(tx, "GetMatrix") else np.eye(3)
+    """Any ITK matrix-offset transform (Euler, Versor, Similarity, Affine) -> 4x4: y = M (x - c) + c + t.
+
+    A transform read from a file as the generic ``sitk.Transform`` (no matrix accessors) is probed at the
+    origin and the unit points instead, which is exact for a linear transform."""
+    if not hasattr(tx, "GetMatrix"):
+        a = np.eye(4)
+        a[:3, 3] = tx.TransformPoint((0.0, 0.0, 0.0))
+        for k in range(3):
+            a[:3, k] = np.asarray(tx.TransformPoint(tuple(float(v) for v in np.eye(3)[k]))) - a[:3, 3]
+        return a
+    m = np.array(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
     t = np.array(tx.GetTranslation(), dtype=np.float64) if hasattr(tx, "GetTranslation") else np.zeros(3)
     c = np.array(tx.GetCenter(), dtype=np.float64) if hasattr(tx, "GetCenter") else np.zeros(3)
     a = np.eye(4)
