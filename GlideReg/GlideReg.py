@@ -30,13 +30,35 @@ class GlideReg(ScriptedLoadableModule):
 
 class GlideRegWidget(RegistrationWidget):
     module_name = "GlideReg"
-    method = "io"
-    pending_method = "GlideReg (global-to-local instance optimisation)"
+    method = "glide"
+    FEATURES = [("Learned (shipped 3D encoder)", "learned"), ("SAM2 slices (your checkpoint)", "sam2"),
+                ("None (local MIND-SSC only)", "none")]
+    REDUCTIONS = [("VAE, optimised with the registration", "vae"), ("PCA", "pca")]
+
+    def setup(self):
+        RegistrationWidget.setup(self)
+        for label, value in self.FEATURES:
+            self.ui.globalFeaturesCombo.addItem(label, value)
+        for label, value in self.REDUCTIONS:
+            self.ui.reductionCombo.addItem(label, value)
 
     def inputs(self):
         return mrml.RegistrationInputs(self.ui.fixedVolumeSelector.currentNode(),
                                        self.ui.movingVolumeSelector.currentNode(),
                                        self.ui.segmentationSelector.currentNode())
+
+    def options(self):
+        opts = RegistrationWidget.options(self)
+        opts.update(global_features=self.ui.globalFeaturesCombo.currentData,
+                    sam2_checkpoint=self.ui.sam2CheckpointPathLineEdit.currentPath or None,
+                    reduction=self.ui.reductionCombo.currentData,
+                    inverse_consistency=self.ui.inverseConsistencyCheckBox.checked)
+        return opts
+
+    def finishRun(self, out):
+        RegistrationWidget.finishRun(self, out)
+        self.log("GlideReg's QA (feature SSD after pre-alignment, after the convex stage and after Adam) is in the "
+                 "table; a fallback to local features, when one happened, is in the messages above.")
 
     def outputs(self):
         out = RegistrationWidget.outputs(self)
@@ -48,9 +70,9 @@ class GlideRegLogic(mrml.RegistrationLogic):
     """GUI-free: ``process(RegistrationInputs, options, outputs, progress)`` on nodes."""
 
     def __init__(self, scene=None, python=None):
-        mrml.RegistrationLogic.__init__(self, "io", scene, python)
+        mrml.RegistrationLogic.__init__(self, "glide", scene, python)
 
 
 class GlideRegTest(ScriptedLoadableModuleTest):
     def runTest(self):
-        run_module_selftest(self)
+        run_module_selftest(self, "glide")

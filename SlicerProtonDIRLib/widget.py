@@ -19,13 +19,11 @@ PREALIGN = [("Rigid (recommended)", "rigid"), ("Affine", "affine"), ("Centre of 
 
 
 class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Subclasses set ``module_name``, ``method``, ``pending_method`` (the method this module will run
-    once it lands; until then the engine's baseline ``io`` runs and the panel says so) and may extend
+    """Subclasses set ``module_name`` and ``method`` (the engine method the panel runs) and may extend
     ``options()`` / ``inputs()``."""
 
     module_name = ""
     method = "io"
-    pending_method = ""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -47,11 +45,6 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceCombo.addItem("GPU (CUDA)", "cuda")
         for label, value in PREALIGN:
             self.ui.prealignCombo.addItem(label, value)
-        if self.pending_method:
-            self.ui.methodNoteLabel.text = (f"{self.pending_method} is not available yet: this panel runs the "
-                                            "engine's baseline instance optimisation (io).")
-        else:
-            self.ui.methodNoteLabel.hide()
         for selector in (self.ui.fixedVolumeSelector, self.ui.movingVolumeSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateApplyButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)

@@ -53,7 +53,8 @@ def test_adam_refinement_reaches_a_sub_voxel_shift_the_convex_grid_cannot():
     f = mind_ssc(to_tensor(base, torch.device("cpu")))
     m = mind_ssc(to_tensor(moving, torch.device("cpu")))
     start = control_field_mm(f, m, grid, step=2, radius=2)                 # whole steps of 4 mm only
-    u = adam_refine([(f, m)], start, grid, [1.0], bending_weight=0.1, iterations=80)
+    u, iterations = adam_refine([(f, m)], start, grid, [1.0], bending_weight=0.1, iterations=80)
+    assert iterations == 80
 
     def median_error(field):
         return np.abs(field[0, :, 8:-8, 8:-8, 8:-8].reshape(3, -1).median(1).values.numpy() - shift_mm).max()

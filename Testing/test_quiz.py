@@ -18,7 +18,8 @@ from rtreg.models import read_manifest
 from rtreg.nets.quiz import DEFAULT, build
 from rtreg.priors import body_mask
 from rtreg.synth import large_offset_case, rigid_matrix, rt_phantom
-from rtreg.train.quiz import draw, sample_world, view_points
+from rtreg.train.quiz import draw
+from rtreg.train.sources import prepare_source, sample_world, view_points
 
 
 def _rigid(deg, shift, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -141,8 +142,8 @@ def test_training_samples_know_where_each_point_went():
     """The search view, sampled at each visible point's true position, shows what the reference shows at the
     query (same-modality samples without strong intensity changes: the correlation is high)."""
     ct = _phantom_ct()
-    from rtreg.train.quiz import _prepared
-    src = _prepared(ct)
+
+    src = prepare_source(ct)
     agree = []
     for seed in range(6):
         s = draw(src, torch.Generator().manual_seed(seed), 48, 200)
@@ -285,8 +286,8 @@ def test_training_resumes_where_an_uninterrupted_run_ends_and_exports_weights(tm
     """`rtreg train quiz` on two small sources: 3 steps, or 2 then 1 after a restart, give the same weights;
     the export has a manifest entry the method can load (the position-reset phase runs in the last step)."""
     from rtreg.models import load_weights
-    from rtreg.train.quiz import _prepared, train
-    sources = {f"phantom-{s}": _prepared(rt_phantom(s, seed=7, spacing_mm=6.0).planning)
+    from rtreg.train.quiz import train
+    sources = {f"phantom-{s}": prepare_source(rt_phantom(s, seed=7, spacing_mm=6.0).planning)
                for s in ("pelvis", "headneck")}
     for run in ("a", "b"):
         (tmp_path / run).mkdir()

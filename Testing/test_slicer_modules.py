@@ -61,8 +61,8 @@ def test_logic_imports_under_slicer_core(module):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     logic = getattr(mod, f"{module}Logic")(slicer.vtkMRMLScene())
-    assert logic.method == {"ProtonDIR": "protondir", "TTORegister": "tto", "QuizRigid": "quiz"}.get(
-        module, "io")  # io until they land
+    assert logic.method == {"ProtonDIR": "protondir", "TTORegister": "tto", "QuizRigid": "quiz",
+                            "GlideReg": "glide"}[module]
     from rtreg.mrml import RegistrationLogic
     assert isinstance(logic, RegistrationLogic)
 
@@ -94,6 +94,8 @@ def test_each_module_logic_registers_a_small_phantom(module):
         assert set(out.maps) == {"patch_mi_before", "patch_mi_after"}
         assert out.maps["patch_mi_after"].GetImageData() is not None
         assert any(line.startswith("patch-wise MI") for line in out.summary), out.summary
+    if module == "GlideReg":    # its QA reaches the panel's log and table
+        assert any(line.startswith("GlideReg: global-to-local") for line in out.summary), out.summary
     if module == "ProtonDIR":   # the engine's notes reach the panel: no dose was given
         assert any("risk map not used: no dose" in m for m in out.messages), out.messages
 

@@ -55,9 +55,10 @@ def _field_volume(img: sitk.Image) -> Volume:
 
 
 # ---------------------------------------------------------------- ours
-def _rtreg(method: str, **extra) -> Runner:
+def _rtreg(method: str, at_image_spacing: bool = False, **extra) -> Runner:
     """An rtreg method on the case's files; ProtonDIR also gets the case's structures, dose and plan text
-    (``extra``: its clinical inputs and whether it refines)."""
+    (``extra``: the method's options, e.g. ProtonDIR's clinical inputs and whether it refines);
+    ``at_image_spacing``: work at the fixed image's own spacing (as ConvexAdam does) instead of 2 mm."""
     def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
         from rtreg.case import RegisterOptions
         from rtreg.methods import get_method
@@ -70,8 +71,10 @@ def _rtreg(method: str, **extra) -> Runner:
                          plan=present("plan.txt"))
         across = "mi" if method == "tto" else "mind"      # the similarity each method uses across modalities
         opts = dict(extra)
+        spacing = float(min(case.fixed.grid.spacing)) if at_image_spacing else RegisterOptions.working_spacing_mm
         options = RegisterOptions(device="cpu", similarity=across if multimodal else "auto",
-                                  prealign=str(opts.pop("prealign", "rigid")), extra=opts)
+                                  prealign=str(opts.pop("prealign", "rigid")), working_spacing_mm=spacing,
+                                  extra=opts)
         result = get_method(method)(case, options, lambda f, m: None)
         return result.transform.total_field(case.fixed.grid)
     return run
@@ -317,6 +320,14 @@ METHODS: List[Method] = [
     Method("moments", "SimpleITK moments initialisation", "SimpleITK", _moments, suites=("large-offset",)),
     Method("convexadam-translation", "ConvexAdam translation mode", "convexAdam", _convexadam_translation,
            suites=("large-offset",)),
+    Method("glide", "rtreg GlideReg (global-to-local, VAE)", "rtreg", _rtreg("glide", at_image_spacing=True),
+           ours=True),
+    Method("glide-global", "GlideReg, global features only", "rtreg",
+           _rtreg("glide", at_image_spacing=True, stages="global"), ours=True, in_default=False),
+    Method("glide-local", "GlideReg, local (MIND-SSC) features only", "rtreg",
+           _rtreg("glide", at_image_spacing=True, stages="local"), ours=True, in_default=False),
+    Method("glide-pca", "GlideReg, global-to-local with PCA instead of the VAE", "rtreg",
+           _rtreg("glide", at_image_spacing=True, reduction="pca"), ours=True, in_default=False),
     Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
     Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
     Method("elastix", "elastix B-spline", "itk", _elastix),

@@ -67,7 +67,9 @@ def _info(_args) -> int:
 def _options(args) -> RegisterOptions:
     extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
              "refine": not args.no_refine, "network": args.network, "adapt": not args.no_adapt,
-             "mode": args.quiz_mode}
+             "mode": args.quiz_mode, "global_features": args.global_features,
+             "sam2_checkpoint": args.sam2_checkpoint, "sam2_config": args.sam2_config, "reduction": args.reduction,
+             "stages": args.glide_stages, "inverse_consistency": args.inverse_consistency}
     return RegisterOptions(device=args.device, seed=args.seed, time_budget_s=args.time_budget,
                            iterations=args.iterations, prealign=args.prealign, similarity=args.similarity,
                            regularization=args.regularization, regularization_weight=args.regularization_weight,
@@ -167,6 +169,11 @@ def _train_quiz(args) -> int:
     return main(args)
 
 
+def _train_glide(args) -> int:
+    from .train.glide import main
+    return main(args)
+
+
 def _add_method_options(r: argparse.ArgumentParser) -> None:
     """The options of a registration run shared by `register` and `register-series`."""
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -195,6 +202,18 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
                    help="tto: the distilled student (default) or the teacher")
     r.add_argument("--no-adapt", action="store_true",
                    help="tto: the network's prediction only, without test-time optimisation")
+    r.add_argument("--global-features", default="learned", choices=["learned", "sam2", "none"],
+                   help="glide: the shipped contrast-invariant encoder, SAM2 slice features (needs the sam2 "
+                   "package and --sam2-checkpoint), or none (local MIND-SSC features only)")
+    r.add_argument("--sam2-checkpoint", default="", help="glide: a SAM2 checkpoint file (with --global-features sam2)")
+    r.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml",
+                   help="glide: the SAM2 model configuration that matches the checkpoint")
+    r.add_argument("--reduction", default="vae", choices=["vae", "pca"],
+                   help="glide: reduce the global features to 12 channels by a jointly optimised VAE or by PCA")
+    r.add_argument("--glide-stages", default="global-to-local", choices=["global-to-local", "global", "local"],
+                   help="glide: the convex stage on the global then the local features (default), or one alone")
+    r.add_argument("--inverse-consistency", action="store_true",
+                   help="glide: make the convex stage's forward and backward fields inverse to each other")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, device, models found").set_defaults(func=_info)
 
     r = sub.add_parser("register", help="register a moving (repeat) image to a fixed (planning) image")
-    r.add_argument("--method", default="io", help="registration method (io, protondir, tto, quiz)")
+    r.add_argument("--method", default="io", help="registration method (io, protondir, tto, quiz, glide)")
     r.add_argument("--fixed", required=True, help="planning image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--moving", required=True, help="repeat image: NIfTI/NRRD/MHA file or DICOM folder")
     r.add_argument("--out", required=True, help="output folder")
@@ -304,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     tq.add_argument("--stop-at", type=int, default=None,
                     help="stop after this step (checkpointed); the same command resumes the run later")
     tq.set_defaults(func=_train_quiz)
+    tg = models.add_parser("glide", help="GlideReg's contrast-invariant global feature encoder on real and "
+                           "synthetic images (see rtreg/train/glide.py)")
+    tg.add_argument("--work", default="train_work/glide", help="sources, checkpoints and log (a rerun resumes)")
+    tg.add_argument("--steps", type=int, default=700)
+    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--lr", type=float, default=1e-3)
+    tg.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    tg.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
+    tg.add_argument("--models-dir", default=None, help="where to write the weights (default: Resources/Models)")
+    tg.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
+    tg.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this step (checkpointed); the same command resumes the run later")
+    tg.set_defaults(func=_train_glide)
     return ap
 
 

@@ -13,8 +13,11 @@ ConvexAdam, written here as small functions with units in the names):
    both data-driven and smooth (a global regulariser without gradient descent);
 4. :func:`control_field_mm`: the field in LPS mm on the working grid;
 5. :func:`adam_refine`: instance optimisation of that field on a smoothed
-   half-resolution control grid (weighted feature SSD + bending energy), which
-   reaches what the discrete candidates cannot (sub-step motion).
+   control grid (weighted feature SSD + bending energy, optionally with features on
+   the control grid learned jointly, :class:`CoarsePair`), which reaches what the discrete
+   candidates cannot (sub-step motion);
+6. :func:`inverse_consistent`: a forward and a backward field made inverse to
+   each other (optional).
 
 Shapes: features (1, C, z, y, x); cost (D, Z, Y, X) with D candidates;
 displacements (1, 3, ...) with components (x, y, z) in LPS mm, as
@@ -22,13 +25,17 @@ displacements (1, 3, ...) with components (x, y, z) in LPS mm, as
 """
 from __future__ import annotations
 
-from typing import Sequence
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .case import Progress, no_progress
 from .image import Grid
-from .spatial import box_filter, resize_field
+from .spatial import box_filter, resize_field, sample_at_index
 
 COUPLINGS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)   # per mm^2 of disagreement with the smoothed field
 
@@ -106,26 +113,120 @@ def _upsample_patch_field(u_coarse: torch.Tensor, shape_zyx, step: int) -> torch
     return resize_field(u, shape_zyx)
 
 
+@dataclass
+class CoarsePair:
+    """A feature pair compared on the refinement's control grid (GlideReg's reduced global features):
+    ``features()`` gives (fixed, moving) (1, C, z, y, x) there. When they are learned jointly (the VAE) they
+    are differentiable in ``parameters`` (updated with the field), and the feature model's own loss
+    ``penalty()`` (reconstruction + KL) is added to the objective; ``weight`` scales their SSD."""
+
+    features: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
+    penalty: Callable[[], torch.Tensor]
+    parameters: Sequence[torch.Tensor]
+    weight: float
+
+
 def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weights: Sequence[float],
-                bending_weight: float, iterations: int, lr_mm: float = 0.5) -> torch.Tensor:
-    """Instance optimisation after the convex stage: Adam on a half-resolution control field, smoothed and
-    upsampled to ``grid``, minimising sum_k weights[k] * SSD(fixed_k, moving_k(x + u)) + bending_weight *
-    bending energy (1/mm). ``pairs``: (fixed, moving) feature maps (1, C, z, y, x) on ``grid``;
-    ``u_init`` (1, 3, z, y, x) LPS mm. Returns the refined (1, 3, z, y, x) field (mm, detached)."""
+                bending_weight: float, iterations: int, lr_mm: float = 0.5, control_grid: Optional[Grid] = None,
+                mask: Optional[torch.Tensor] = None, coarse_pair: Optional[CoarsePair] = None,
+                control_mask: Optional[torch.Tensor] = None, time_budget_s: Optional[float] = None,
+                samples: Optional[int] = None, seed: int = 0, progress: Progress = no_progress
+                ) -> Tuple[torch.Tensor, int]:
+    """Instance optimisation after the convex stage: Adam on a residual field on ``control_grid`` (default:
+    half the resolution of ``grid``, over the same extent), smoothed, added to ``u_init`` and upsampled to
+    ``grid``, minimising sum_k weights[k] * SSD(fixed_k, moving_k(x + u)) on ``grid`` (inside ``mask``)
+    + the ``coarse_pair``'s weight * SSD on the control grid (inside ``control_mask``) and its penalty, its
+    parameters updated jointly + bending_weight * bending energy of the field on the control grid (1/mm).
+
+    SSD is the mean squared feature difference (over channels and the mask's voxels); with ``samples``, the
+    ``pairs``' SSD is estimated each step on that many voxels of the mask drawn at random (seeded by ``seed``:
+    stochastic gradients, far cheaper on a fine grid). ``pairs``: (fixed,
+    moving) feature maps (1, C, z, y, x) on ``grid``; ``u_init`` (1, 3, z, y, x) LPS mm on ``grid``. Stops
+    after ``iterations`` or ``time_budget_s`` seconds. Returns the refined field on ``grid`` (mm, detached)
+    and the iterations run."""
     from .losses import bending_energy
     from .spatial import smooth, warp
-    shape = u_init.shape[2:]
-    half = [max(2, (n + 1) // 2) for n in shape]
-    control = resize_field(u_init.detach(), half).clone().requires_grad_(True)
-    opt = torch.optim.Adam([control], lr=lr_mm)
-    spacing = [float(s) for s in grid.spacing]
-    for _ in range(iterations):
+    start = time.perf_counter()
+    control_grid = control_grid or grid.with_spacing(2.0 * float(max(grid.spacing)))
+    shape, coarse = u_init.shape[2:], control_grid.shape
+    base = u_init.detach()
+    base_coarse = resize_field(base, coarse)       # both grids share the first and last voxel centres
+    residual = torch.zeros(1, 3, *coarse, device=u_init.device, requires_grad=True)
+    opt = torch.optim.Adam([residual], lr=lr_mm)
+    feature_opt = torch.optim.Adam(list(coarse_pair.parameters), lr=1e-3) \
+        if coarse_pair is not None and list(coarse_pair.parameters) else None
+    control_spacing = [float(s) for s in control_grid.spacing]
+
+    def ssd(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, on: Grid, where: Optional[torch.Tensor]
+            ) -> torch.Tensor:
+        d = ((fixed - warp(moving, u, on)) ** 2).mean(1, keepdim=True)
+        return d.mean() if where is None else (d * where).sum() / where.sum().clamp_min(1.0)
+
+    sampler = _VoxelSampler(grid, coarse, mask, samples, seed, u_init.device) if samples else None
+    done = 0
+    for done in range(1, iterations + 1):
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            done -= 1
+            break
         opt.zero_grad()
-        u = smooth(resize_field(control, shape))
-        loss = bending_weight * bending_energy(u, spacing)
-        for w, (fixed, moving) in zip(weights, pairs):
-            loss = loss + w * ((fixed - warp(moving, u, grid)) ** 2).mean()
+        step = smooth(residual)
+        u_coarse = base_coarse + step
+        loss = bending_weight * bending_energy(u_coarse, control_spacing)
+        if sampler is not None:
+            flat, moved = sampler.draw(base, step)
+            for w, (fixed, moving) in zip(weights, pairs):
+                diff = fixed.flatten(2)[:, :, flat] - sample_at_index(moving, moved)
+                loss = loss + w * (diff ** 2).mean()
+        else:
+            u = base + resize_field(step, shape)
+            for w, (fixed, moving) in zip(weights, pairs):
+                loss = loss + w * ssd(fixed, moving, u, grid, mask)
+        if coarse_pair is not None:
+            if feature_opt is not None:
+                feature_opt.zero_grad()
+            loss = loss + coarse_pair.weight * ssd(*coarse_pair.features(), u_coarse, control_grid, control_mask) \
+                + coarse_pair.penalty()
         loss.backward()
         opt.step()
+        if feature_opt is not None:
+            feature_opt.step()
+        progress(done / max(iterations, 1), f"Adam refinement {done}/{iterations}: loss {loss.item():.4f}")
     with torch.no_grad():
-        return smooth(resize_field(control, shape))
+        return base + resize_field(smooth(residual), shape), done
+
+
+class _VoxelSampler:
+    """Random voxels of a mask on ``grid`` and where a field (a full-resolution start plus a residual on the
+    control grid of shape ``coarse``, both grids over one extent) sends them, as continuous indices."""
+
+    def __init__(self, grid: Grid, coarse, mask: Optional[torch.Tensor], n: int, seed: int, device: torch.device):
+        from .spatial import mm_to_index_matrix
+        shape = grid.shape
+        where = mask[0, 0].reshape(-1) > 0 if mask is not None else torch.ones(int(np.prod(shape)), dtype=torch.bool)
+        self.candidates = torch.nonzero(where.to(device)).squeeze(1)
+        self.n, self.shape = min(n, len(self.candidates)), shape
+        self.generator = torch.Generator().manual_seed(seed)
+        self.to_index = mm_to_index_matrix(grid, device)
+        self.scale = torch.tensor([(c - 1) / max(s - 1, 1) for c, s in zip(coarse[::-1], shape[::-1])],
+                                  dtype=torch.float32, device=device)       # (i, j, k) -> control grid index
+
+    def draw(self, base: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(flat voxel numbers (n,), their moved continuous indices (1, n, 3)) under base + upsampled residual."""
+        pick = torch.randint(len(self.candidates), (self.n,), generator=self.generator)
+        flat = self.candidates[pick.to(self.candidates.device)]
+        nz, ny, nx = self.shape
+        ijk = torch.stack([flat % nx, (flat // nx) % ny, flat // (nx * ny)], 1).to(base.dtype)[None]   # (1, n, 3)
+        u = base.flatten(2)[:, :, flat] + sample_at_index(residual, ijk * self.scale)                   # (1, 3, n) mm
+        return flat, ijk + (u[0].T @ self.to_index.T)[None]
+
+
+def inverse_consistent(forward: torch.Tensor, backward: torch.Tensor, grid: Grid, iterations: int = 10
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Make a forward field (fixed -> moving) and a backward field (moving -> fixed), both (1, 3, z, y, x) LPS
+    mm on ``grid``, inverse to each other: each is replaced by half of itself minus the other sampled where
+    it points, repeatedly (ConvexAdam's scheme). Returns the two fields."""
+    from .spatial import warp
+    u, v = forward, backward
+    for _ in range(iterations):
+        u, v = 0.5 * (u - warp(v, u, grid)), 0.5 * (v - warp(u, v, grid))
+    return u, v

@@ -91,15 +91,15 @@ class Grid:
         """LPS mm of the grid's geometric centre."""
         return self.index_to_world(((np.array(self.size_xyz, dtype=np.float64) - 1) / 2)[None])[0]
 
-    def with_spacing(self, spacing_mm: float) -> "Grid":
+    def with_spacing(self, spacing_mm: float, finer: bool = False) -> "Grid":
         """Same direction and world extent, voxels of about ``spacing_mm`` along every axis.
 
         The spacing is adjusted (by less than half a voxel over the extent) so
         that the first and last voxel centres stay where they were; axes already
-        coarser than ``spacing_mm`` keep their spacing.
+        coarser than ``spacing_mm`` keep their spacing unless ``finer``.
         """
         old = self.spacing
-        new = np.maximum(old, float(spacing_mm))
+        new = np.full(3, float(spacing_mm)) if finer else np.maximum(old, float(spacing_mm))
         size_xyz = np.array(self.size_xyz, dtype=np.float64)
         extent = (size_xyz - 1) * old
         new_size = np.maximum(1, np.round(extent / new).astype(int) + 1)

@@ -377,7 +377,8 @@ def _flat_metrics(metrics: Dict) -> Dict[str, object]:
             rows[f"patch-wise MI mean ({key[len('patch_mi_mean_'):].replace('_', ' ')})"] = qa[key]
     for key, label in (("confident_inliers", "matched points: confident inliers"),
                        ("confidence_mean", "matched points: mean confidence"), ("rotation_deg", "rotation (deg)"),
-                       ("overlap_fraction", "overlap fraction")):
+                       ("overlap_fraction", "overlap fraction"), ("global_features", "global features"),
+                       ("stages", "convex stages")):
         if key in qa:
             rows[label] = qa[key]
     rows["time (s)"] = metrics["timings_s"]["total"]
@@ -605,7 +606,10 @@ def _option_args(options: Dict[str, object]) -> List[str]:
     args: List[str] = []
     for key, flag in (("device", "--device"), ("prealign", "--prealign"), ("time_budget", "--time-budget"),
                       ("iterations", "--iterations"), ("working_spacing", "--working-spacing"),
-                      ("seed", "--seed"), ("similarity", "--similarity"), ("network", "--network")):
+                      ("seed", "--seed"), ("similarity", "--similarity"), ("network", "--network"),
+                      ("global_features", "--global-features"), ("sam2_checkpoint", "--sam2-checkpoint"),
+                      ("sam2_config", "--sam2-config"), ("reduction", "--reduction"),
+                      ("glide_stages", "--glide-stages")):
         if options.get(key) is not None:
             args += [flag, str(options[key])]
     if options.get("same_frame"):
@@ -614,6 +618,8 @@ def _option_args(options: Dict[str, object]) -> List[str]:
         args.append("--no-refine")
     if options.get("adapt") is False:
         args.append("--no-adapt")
+    if options.get("inverse_consistency"):
+        args.append("--inverse-consistency")
     if options.get("quiz_mode") is not None:
         args += ["--quiz-mode", str(options["quiz_mode"])]
     if options.get("clinical_inputs") is not None:
@@ -633,6 +639,11 @@ def method_summary(metrics: Dict) -> List[str]:
         lines.append(f"query-point matching: {qa['confident_inliers']} confident inliers of {qa['query_points']} "
                      f"points (mean confidence {qa['confidence_mean']:.2f}); rotation {qa['rotation_deg']:.1f} deg, "
                      "translation (" + ", ".join(f"{v:.1f}" for v in qa["translation_mm"]) + ") mm LPS")
+    if "global_features" in qa and "ssd_after" in qa:
+        lines.append(f"GlideReg: {qa['stages']} with global features {qa['global_features']} "
+                     f"({qa['reduction']}); feature SSD after pre-alignment / convex / Adam: "
+                     + "; ".join(f"{k} {qa['ssd_after_prealignment'][k]:.4f} / {qa['ssd_after_convex'][k]:.4f} / "
+                                 f"{v:.4f}" for k, v in qa["ssd_after"].items()))
     if "iterations" in qa and "stopped_by" in qa:
         lines.append(f"optimisation: {qa['iterations']} iterations, stopped by {qa['stopped_by']}")
     return lines

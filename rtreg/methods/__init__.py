@@ -4,12 +4,12 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult
-from . import io, protondir, quiz, tto
+from . import glide, io, protondir, quiz, tto
 
 Register = Callable[[RegistrationCase, RegisterOptions, Progress], RegistrationResult]
 
 METHODS: Dict[str, Register] = {io.NAME: io.register, protondir.NAME: protondir.register, tto.NAME: tto.register,
-                               quiz.NAME: quiz.register}
+                               quiz.NAME: quiz.register, glide.NAME: glide.register}
 
 
 def get_method(name: str) -> Register:
