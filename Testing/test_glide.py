@@ -186,6 +186,27 @@ def test_glide_global_only_aligns_its_features(phantom):
     assert (jacobian_determinant(result.transform.displacement).array > 0).all()
 
 
+def test_a_global_stage_that_disagrees_with_the_local_features_is_dropped_and_said(phantom, monkeypatch):
+    """Global features that describe the moving image mirrored (a wrong match everywhere) must not steer the
+    field: the stage is dropped, the run says so and registers on the local features."""
+    from rtreg.methods import glide
+    calls = []
+
+    def mirrored(image, net, device):
+        features, grid = glide.learned_features.__wrapped__(image, net, device)
+        calls.append(1)
+        return (features.flip(4) if len(calls) % 2 == 0 else features), grid
+    mirrored.__wrapped__ = glide.learned_features
+    monkeypatch.setattr(glide, "learned_features", mirrored)
+    before = float(np.linalg.norm(phantom.points_planning - phantom.points_repeat, axis=1).mean())
+    result = _register(phantom, adam_iterations=30)
+    assert result.qa["stages"] == "local (global stage dropped)"
+    ssd = result.qa["local_ssd_global_stage"]
+    assert ssd["after"] > ssd["before"]
+    assert any("global convex stage was dropped" in m for m in result.messages)
+    assert set(result.qa["ssd_after"]) == {"local"} and _tre(result, phantom) < 0.8 * before
+
+
 def test_glide_with_sam2_features_through_a_stand_in(phantom, monkeypatch):
     """The SAM2 path end to end, with the stand-in encoder in place of a real checkpoint."""
     from rtreg.methods import glide

@@ -14,13 +14,17 @@ working spacing) and a grid C of half its resolution:
    composition w(x) = u_l(x) + u_g(x + u_l(x)) is the field of warping by u_g, then by u_l (our fields pull
    back: warped(x) = moving(x + w(x)); the paper's u_g(x) + u_l(x + u_g(x)) written for the same sequence).
    Optionally the same in the backward direction, and both made inverse-consistent.
+   Guard (ours): when u_g raises the local feature SSD inside the fixed mask, the global features do not
+   describe this pair (the shipped encoder was trained briefly on a CPU); u_g and the global term are then
+   dropped, and the result says so.
 4. **Adam instance optimisation** on C (control field on C, smoothed): alpha SSD(global) + beta SSD(local)
    inside the fixed mask + lambda bending energy, the VAE updated jointly (its reconstruction and KL terms
-   added), until its iterations or the time budget.
+   added), until its iterations or the time budget. Each SSD is estimated every step on ``ADAM_SAMPLES``
+   random voxels of its mask (the moving global features sampled where the field points, then reduced).
 
 Fallbacks (said in the result's messages and QA): global features that cannot be had (a SAM2 checkpoint that
-does not exist or does not match, no ``sam2`` package, an image smaller than the feature grid) leave the local
-features alone; an image too small for the local stage is an error.
+does not exist or does not match, no ``sam2`` package, an image smaller than the feature grid), or a global
+stage that the guard drops, leave the local features alone; an image too small for the local stage is an error.
 
 Options (``options.extra``): ``global_features`` learned | sam2 | none; ``sam2_checkpoint``,
 ``sam2_config``; ``reduction`` vae | pca; ``stages`` global-to-local | global | local; ``inverse_consistency``
@@ -55,11 +59,11 @@ ENCODER_WEIGHTS = "glide_features.pt"
 LATENT = 12                      # channels of the reduced global features (MIND-SSC has 12 too)
 GLOBAL_STEP_MM, GLOBAL_RANGE_MM = 12.0, 36.0   # control points about every 12 mm, candidates up to +-36 mm
 LOCAL_STEP_MM, LOCAL_RANGE_MM = 9.0, 18.0
-ADAM_ITERATIONS = 80
+ADAM_ITERATIONS = 120
 ADAM_LR_MM = 2.0
 ADAM_SAMPLES = 100_000          # voxels of the working grid per Adam step (stochastic gradients)
 ALPHA, BETA = 12.0, 12.0         # weights of the global and the local SSD in the refinement
-BENDING_WEIGHT = 200.0           # lambda (bending energy of the field on the control grid, 1/mm)
+BENDING_WEIGHT = 300.0           # lambda (bending energy of the field on the control grid, 1/mm)
 VAE_STEPS = 150                  # fitting the VAE before the convex stage
 STAGES = ("global-to-local", "global", "local")
 SOURCES = ("learned", "sam2", "none")
@@ -143,18 +147,20 @@ def _steps(grid: Grid, step_mm: float, range_mm: float) -> Tuple[int, int]:
     return step, max(1, int(round(range_mm / (step * spacing))))
 
 
-def _convex(global_pair: Optional[Tuple[torch.Tensor, torch.Tensor]], local_pair: Optional[Tuple], grid: Grid
-            ) -> torch.Tensor:
-    """The global-to-local convex stage: u_g on the global pair, u_l on the local pair after u_g, composed."""
-    u = None
-    if global_pair is not None:
-        u = control_field_mm(*global_pair, grid, *_steps(grid, GLOBAL_STEP_MM, GLOBAL_RANGE_MM))
-    if local_pair is not None:
-        fixed, moving = local_pair
-        u_l = control_field_mm(fixed, moving if u is None else warp(moving, u, grid), grid,
-                               *_steps(grid, LOCAL_STEP_MM, LOCAL_RANGE_MM))
-        u = u_l if u is None else compose_fields(u, u_l, grid)
-    return u
+def _global_field(global_pair: Tuple[torch.Tensor, torch.Tensor], grid: Grid) -> torch.Tensor:
+    """u_g: the convex stage on the reduced global features (1, 3, z, y, x) LPS mm on ``grid``."""
+    return control_field_mm(*global_pair, grid, *_steps(grid, GLOBAL_STEP_MM, GLOBAL_RANGE_MM))
+
+
+def _convex(u_g: Optional[torch.Tensor], local_pair: Optional[Tuple], grid: Grid) -> torch.Tensor:
+    """The global-to-local convex stage: u_l on the local pair after u_g, composed with u_g (either may be
+    missing, not both)."""
+    if local_pair is None:
+        return u_g
+    fixed, moving = local_pair
+    u_l = control_field_mm(fixed, moving if u_g is None else warp(moving, u_g, grid), grid,
+                           *_steps(grid, LOCAL_STEP_MM, LOCAL_RANGE_MM))
+    return u_l if u_g is None else compose_fields(u_g, u_l, grid)
 
 
 def _ssd(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -208,9 +214,19 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     progress(0.45, "convex optimisation")
     global_w = glob.on_grid(grid) if glob is not None else None
     try:
-        u = _convex(global_w, local, grid)
+        u_g = _global_field(global_w, grid) if global_w is not None else None
+        if u_g is not None and local is not None:
+            before, after = (_ssd(local[0], m, fine.mask) for m in (local[1], warp(local[1], u_g, grid)))
+            qa["local_ssd_global_stage"] = {"before": before, "after": after}
+            if after > before:    # the learned features disagree with the image here: keep them out
+                messages.append(f"the global convex stage was dropped: it raised the local (MIND-SSC) feature "
+                                f"SSD from {before:.4g} to {after:.4g}, so the global features do not describe "
+                                "this pair; GlideReg ran on its local features alone")
+                glob = global_w = u_g = None
+                qa["stages"] = "local (global stage dropped)"
+        u = _convex(u_g, local, grid)
         if options.extra.get("inverse_consistency", False):
-            backward = _convex(global_w[::-1] if global_w is not None else None,
+            backward = _convex(_global_field(global_w[::-1], grid) if global_w is not None else None,
                                local[::-1] if local is not None else None, grid)
             u, _ = inverse_consistent(u, backward, grid)
     except ValueError as exc:
@@ -223,9 +239,9 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     named: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {"local": local} if local is not None else {}
     global_pair = None
     if glob is not None:   # on the control grid; the VAE keeps learning, so its reduction is recomputed each step
-        raw = tuple(resample_on_grid(x, glob.grid, coarse.grid) for x in (glob.fixed, glob.moving))
-        global_pair = CoarsePair(lambda: (glob.reduce(raw[0]), glob.reduce(raw[1])),
-                                 glob.penalty or (lambda: torch.zeros((), device=device)), glob.parameters, ALPHA)
+        raw = [resample_on_grid(x, glob.grid, coarse.grid) for x in (glob.fixed, glob.moving)]
+        global_pair = CoarsePair(*raw, glob.reduce, glob.penalty or (lambda: torch.zeros((), device=device)),
+                                 glob.parameters, ALPHA)
     u, done = adam_refine(list(named.values()), u_start, grid, [BETA] * len(named), bending, iterations,
                           lr_mm=ADAM_LR_MM, control_grid=coarse.grid, mask=fine.mask, coarse_pair=global_pair,
                           control_mask=coarse.mask, time_budget_s=options.time_budget_s, samples=ADAM_SAMPLES,
