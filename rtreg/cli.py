@@ -216,6 +216,26 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
                    help="glide: make the convex stage's forward and backward fields inverse to each other")
 
 
+def _training_parser(models, name: str, help_text: str, work: Optional[str], steps: int, lr: float,
+                     work_help: str = "sources, checkpoints and log (a rerun resumes)", shared_data: bool = True,
+                     models_help: str = "where to write the weights (default: Resources/Models)"
+                     ) -> argparse.ArgumentParser:
+    """A ``rtreg train <name>`` parser with the options every training command has."""
+    parser = models.add_parser(name, help=help_text)
+    parser.add_argument("--work", default=work, help=work_help)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    if shared_data:
+        parser.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
+    parser.add_argument("--models-dir", default=None, help=models_help)
+    parser.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop after this step (checkpointed); the same command resumes the run later")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rtreg", description="Registration engine of SlicerProtonDIR")
     ap.add_argument("--version", action="version", version=f"rtreg {__version__}")
@@ -274,67 +294,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a method's network (reproducible, resumable) and write its weights")
     models = t.add_subparsers(dest="model", required=True)
-    tp = models.add_parser("protondir", help="ProtonDIR's network on synthetic and real CT pairs (see "
-                           "rtreg/train/protondir.py for the data)")
-    tp.add_argument("--work", default="train_work/protondir",
-                    help="folder for the training pairs, checkpoints and log (a rerun resumes from it)")
-    tp.add_argument("--steps", type=int, default=3000)
-    tp.add_argument("--seed", type=int, default=0)
-    tp.add_argument("--lr", type=float, default=1e-3)
-    tp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    tp.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
-    tp.add_argument("--models-dir", default=None, help="where to write the weights (default: Resources/Models)")
-    tp.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
+    tp = _training_parser(models, "protondir", "ProtonDIR's network on synthetic and real CT pairs (see "
+                          "rtreg/train/protondir.py for the data)", "train_work/protondir", 3000, 1e-3,
+                          "folder for the training pairs, checkpoints and log (a rerun resumes from it)")
     tp.add_argument("--pairs-csv", default=None,
                     help="fine-tune on institutional pairs: a CSV with columns planning_ct,repeat_ct,rtstruct,"
                     "rtdose,plan (DICOM folders or files; the last three optional) instead of the built-in data")
     tp.add_argument("--init", default=None, help="start from this weights file (with its manifest beside it), "
                     "e.g. Resources/Models/protondir.pt when fine-tuning")
-    tp.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this step (checkpointed); the same command resumes the run later")
     tp.set_defaults(func=_train_protondir)
     for role, what in (("teacher", "TTORegister's teacher U-Net on synthetic label-map pairs"),
                        ("student", "TTORegister's student U-Net, distilled from the teacher's shipped weights")):
-        tt = models.add_parser(f"tto-{role}", help=what + " (see rtreg/train/tto.py)")
-        tt.add_argument("--work", default=None, help=f"checkpoints and log (default train_work/tto-{role}; "
-                        "a rerun resumes from it)")
-        tt.add_argument("--steps", type=int, default=2000 if role == "teacher" else 1000)
-        tt.add_argument("--seed", type=int, default=0)
-        tt.add_argument("--lr", type=float, default=1e-4)
-        tt.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+        tt = _training_parser(models, f"tto-{role}", what + " (see rtreg/train/tto.py)", None,
+                              2000 if role == "teacher" else 1000, 1e-4,
+                              f"checkpoints and log (default train_work/tto-{role}; a rerun resumes from it)",
+                              shared_data=False, models_help="where to write (and, for the student, read the "
+                              "teacher's) weights (default: Resources/Models)")
         tt.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-        tt.add_argument("--models-dir", default=None, help="where to write (and, for the student, read the "
-                        "teacher's) weights (default: Resources/Models)")
-        tt.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
-        tt.add_argument("--stop-at", type=int, default=None,
-                        help="stop after this step (checkpointed); the same command resumes the run later")
         tt.set_defaults(func=_train_tto)
-    tq = models.add_parser("quiz", help="QuizRigid's network on real and synthetic images with known poses and "
-                           "fields of view (see rtreg/train/quiz.py)")
-    tq.add_argument("--work", default="train_work/quiz", help="sources, checkpoints and log (a rerun resumes)")
-    tq.add_argument("--steps", type=int, default=2500)
-    tq.add_argument("--seed", type=int, default=0)
-    tq.add_argument("--lr", type=float, default=5e-4)
+    tq = _training_parser(models, "quiz", "QuizRigid's network on real and synthetic images with known poses and "
+                          "fields of view (see rtreg/train/quiz.py)", "train_work/quiz", 2500, 5e-4)
     tq.add_argument("--size", type=int, default=96, help="view size in voxels (the paper's is 128)")
-    tq.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    tq.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
-    tq.add_argument("--models-dir", default=None, help="where to write the weights (default: Resources/Models)")
-    tq.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
-    tq.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this step (checkpointed); the same command resumes the run later")
     tq.set_defaults(func=_train_quiz)
-    tg = models.add_parser("glide", help="GlideReg's contrast-invariant global feature encoder on real and "
-                           "synthetic images (see rtreg/train/glide.py)")
-    tg.add_argument("--work", default="train_work/glide", help="sources, checkpoints and log (a rerun resumes)")
-    tg.add_argument("--steps", type=int, default=700)
-    tg.add_argument("--seed", type=int, default=0)
-    tg.add_argument("--lr", type=float, default=1e-3)
-    tg.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    tg.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
-    tg.add_argument("--models-dir", default=None, help="where to write the weights (default: Resources/Models)")
-    tg.add_argument("--no-export", action="store_true", help="train only; do not write the weights")
-    tg.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this step (checkpointed); the same command resumes the run later")
+    tg = _training_parser(models, "glide", "GlideReg's contrast-invariant global feature encoder on real and "
+                          "synthetic images (see rtreg/train/glide.py)", "train_work/glide", 700, 1e-3)
     tg.set_defaults(func=_train_glide)
     return ap
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -31,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..methods.glide import ENCODER_WEIGHTS
-from ..models import save_weights
 from ..nets.glide import DEFAULT, FeatureEncoder, build_encoder
-from .loop import cosine_schedule, last_logged, resumable_training
+from .loop import cosine_schedule, export_weights, resumable_training, training_command
 from .sources import (DATA, HELD_OUT, SPACING_MM, augment_intensity, ensure_sources, rotation_matrix, sample_world,
                       source_builders, view_points)
 
@@ -136,19 +133,15 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, export: bool 
     summary = {"steps": steps, "seed": seed, "lr": lr, "size": SIZE, "batch": BATCH, "points": POINTS,
                "temperature": TEMPERATURE, "sigma_mm": SIGMA_MM}
     if export:
-        record = {"command": command, "training": summary, "final_loss": last_logged(Path(work)),
-                  "data": f"sources: {', '.join(sorted(source_builders(data)))}; held out: {HELD_OUT}"}
-        path = save_weights(ENCODER_WEIGHTS, net.state_dict(), config, record, models_dir)
-        summary["weights"] = str(path)
-        log(f"weights written to {path}")
+        export_weights(ENCODER_WEIGHTS, net, config, work, summary, command,
+                       f"sources: {', '.join(sorted(source_builders(data)))}; held out: {HELD_OUT}", models_dir, log)
     return summary
 
 
 def main(args) -> int:
     """Entry point of ``rtreg train glide`` (arguments from :mod:`rtreg.cli`)."""
-    command = "rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train(Path(args.work), args.steps, args.seed, args.lr, export=not args.no_export,
-                    models_dir=Path(args.models_dir) if args.models_dir else None, command=command,
+                    models_dir=Path(args.models_dir) if args.models_dir else None, command=training_command(),
                     threads=args.threads, stop_at=args.stop_at, data=Path(args.data) if args.data else DATA,
                     log=lambda m: print(m, flush=True))
     print(json.dumps(summary, indent=2))

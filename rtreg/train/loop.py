@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -27,6 +29,23 @@ def last_logged(work: Path) -> Dict:
     """The last line of ``<work>/log.jsonl`` (the final mean losses), or {}."""
     history = Path(work) / "log.jsonl"
     return json.loads(history.read_text().strip().splitlines()[-1]) if history.exists() else {}
+
+
+def training_command() -> str:
+    """The running command line as the manifest records it (``rtreg train ...``)."""
+    return "rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def export_weights(name: str, net: torch.nn.Module, config: Dict, work: Path, summary: Dict, command: str,
+                   data: str, models_dir: Optional[Path], log: Callable[[str], None], **extra) -> Path:
+    """Write a trained network's weights and their manifest entry (the command, the training ``summary``, the
+    final logged losses of ``work``, the ``data`` and any ``extra`` fields); ``summary`` gains the path."""
+    from ..models import save_weights
+    record = {"command": command, "training": summary, "final_loss": last_logged(Path(work)), "data": data, **extra}
+    path = save_weights(name, net.state_dict(), config, record, models_dir)
+    summary["weights"] = str(path)
+    log(f"weights written to {path}")
+    return path
 
 
 def resumable_training(work: Path, net: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -23,8 +23,6 @@ resumes from a checkpoint ends where an uninterrupted run ends.
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -42,13 +40,13 @@ from ..methods.io import normalised_images
 from ..methods.protondir import WEIGHTS, clinical_inputs
 from ..netgrid import network_images, working_grid
 from ..errors import InputError
-from ..models import load_weights, save_weights
+from ..models import load_weights
 from ..nets.protondir import CHANNELS, TEXT_DIM, ProtonDIRNet
 from ..priors import body_mask, load_text_encoder
 from ..roles import guess_roles
 from ..spatial import warp_voxels
 from ..synth import SyntheticCase, deform_real_ct, rt_phantom
-from .loop import cosine_schedule, last_logged, resumable_training
+from .loop import cosine_schedule, export_weights, resumable_training, training_command
 
 SPACING_MM = 3.0
 CROP = 48                 # training crops of 48^3 voxels (144 mm) where the image allows
@@ -258,24 +256,20 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, smooth_weight
                "init": str(init) if init else None, "pairs_csv": str(pairs_csv) if pairs_csv else None,
                "smooth_weight": smooth_weight, "field_weight": field_weight}
     if export:
-        record = {"command": command, "training": summary, "final_loss": last_logged(work),
-                  "data": (f"institutional pairs listed in {pairs_csv}, fine-tuned from {init}" if pairs_csv else
+        export_weights(WEIGHTS, net, CONFIG, work, summary, command,
+                       (f"institutional pairs listed in {pairs_csv}, fine-tuned from {init}" if pairs_csv else
                            "synthetic RT phantoms (seeds 100-105 per site); thorax CT (ct_phase00, ITK test data) "
                            "and IBSI STS_001-003 CTs with known deformations; DCPT head phantom and "
-                           "TotalSegmentator abdomen held out"),
-                  "text_encoder": CONFIG["text_encoder"] if encoder is not None else "none (text adapter untrained)"}
-        path = save_weights(WEIGHTS, net.state_dict(), CONFIG, record, models_dir)
-        summary["weights"] = str(path)
-        log(f"weights written to {path}")
+                           "TotalSegmentator abdomen held out"), models_dir, log,
+                       text_encoder=CONFIG["text_encoder"] if encoder is not None else "none (text adapter untrained)")
     return summary
 
 
 def main(args) -> int:
     """Entry point of ``rtreg train protondir`` (arguments from :mod:`rtreg.cli`)."""
-    command = "rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train(Path(args.work), args.steps, args.seed, args.lr, export=not args.no_export,
                     data=Path(args.data) if args.data else DATA,
-                    models_dir=Path(args.models_dir) if args.models_dir else None, command=command,
+                    models_dir=Path(args.models_dir) if args.models_dir else None, command=training_command(),
                     threads=args.threads, stop_at=args.stop_at, pairs_csv=args.pairs_csv, init=args.init,
                     log=lambda m: print(m, flush=True))
     print(json.dumps(summary, indent=2))

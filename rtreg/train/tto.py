@@ -14,8 +14,6 @@ and every benchmark case is unseen.
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -24,10 +22,10 @@ import torch
 from ..losses import diffusion, multi_axis_mi
 from ..methods.tto import STUDENT_WEIGHTS, TEACHER_WEIGHTS
 from ..labelmaps import label_map_pair
-from ..models import MODELS_DIR, load_weights, read_manifest, save_weights
+from ..models import MODELS_DIR, load_weights, read_manifest
 from ..nets.tto import STUDENT, TEACHER, build
 from ..spatial import warp_voxels
-from .loop import cosine_schedule, last_logged, resumable_training
+from .loop import cosine_schedule, export_weights, resumable_training, training_command
 
 SIZE = 48
 SAME_CONTRAST_P = 0.5      # half the pairs share their contrast (one modality), half do not (two modalities)
@@ -102,24 +100,19 @@ def train(role: str, work: Path, steps: int, seed: int = 0, lr: float = 1e-4, sm
     summary = {"role": role, "steps": steps, "seed": seed, "lr": lr, "size": SIZE, "smooth_weight": smooth_weight,
                "field_weight": field_weight if role == "teacher" else 0.0}
     if export:
-        record = {"command": command, "training": summary, "final_loss": last_logged(Path(work)), "data": DATA}
-        if role == "student":
-            record["teacher_sha256"] = read_manifest(Path(models_dir) if models_dir else MODELS_DIR
-                                                     )[TEACHER_WEIGHTS]["sha256"]
-        path = save_weights(TEACHER_WEIGHTS if role == "teacher" else STUDENT_WEIGHTS, net.state_dict(),
-                            dict(config), record, models_dir)
-        summary["weights"] = str(path)
-        log(f"weights written to {path}")
+        extra = {"teacher_sha256": read_manifest(Path(models_dir) if models_dir else MODELS_DIR
+                                                 )[TEACHER_WEIGHTS]["sha256"]} if role == "student" else {}
+        export_weights(TEACHER_WEIGHTS if role == "teacher" else STUDENT_WEIGHTS, net, dict(config), work, summary,
+                       command, DATA, models_dir, log, **extra)
     return summary
 
 
 def main(args) -> int:
     """Entry point of ``rtreg train tto-teacher`` / ``tto-student`` (arguments from :mod:`rtreg.cli`)."""
     role = "teacher" if args.model == "tto-teacher" else "student"
-    command = "rtreg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     summary = train(role, Path(args.work or f"train_work/tto-{role}"), args.steps, args.seed, args.lr,
                     export=not args.no_export, models_dir=Path(args.models_dir) if args.models_dir else None,
-                    command=command, threads=args.threads, stop_at=args.stop_at, device=args.device,
+                    command=training_command(), threads=args.threads, stop_at=args.stop_at, device=args.device,
                     log=lambda m: print(m, flush=True))
     print(json.dumps(summary, indent=2))
     return 0
