@@ -158,6 +158,18 @@ def test_training_samples_know_where_each_point_went():
     assert len(agree) >= 3 and np.median(agree) > 0.6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (training with --device cuda)")
+def test_training_samples_are_the_same_on_the_gpu():
+    """``rtreg train quiz --device cuda`` draws the samples the CPU run draws (random numbers come from the CPU
+    generator); only floating-point rounding of the resampling differs."""
+    src = prepare_source(_phantom_ct())
+    on_cpu = draw(src, torch.Generator().manual_seed(3), 32, 50)
+    on_gpu = draw({k: v.cuda() for k, v in src.items()}, torch.Generator().manual_seed(3), 32, 50)
+    for key in ("reference", "search", "queries", "truth_mm", "visible"):
+        assert on_gpu[key].is_cuda
+        torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], atol=1e-3, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- with the shipped weights
 def test_shipped_weights_have_a_manifest_entry_with_the_training_command():
     entry = read_manifest()[quiz.WEIGHTS]

@@ -227,6 +227,9 @@ def _training_parser(models, name: str, help_text: str, work: Optional[str], ste
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the network trains (random draws come from CPU generators, so a seed gives "
+                        "the same data on either)")
     if shared_data:
         parser.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
     parser.add_argument("--models-dir", default=None, help=models_help)
@@ -310,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
                               f"checkpoints and log (default train_work/tto-{role}; a rerun resumes from it)",
                               shared_data=False, models_help="where to write (and, for the student, read the "
                               "teacher's) weights (default: Resources/Models)")
-        tt.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
         tt.set_defaults(func=_train_tto)
     tq = _training_parser(models, "quiz", "QuizRigid's network on real and synthetic images with known poses and "
                           "fields of view (see rtreg/train/quiz.py)", "train_work/quiz", 2500, 5e-4)

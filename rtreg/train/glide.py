@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..methods.glide import ENCODER_WEIGHTS
 from ..nets.glide import DEFAULT, FeatureEncoder, build_encoder
 from .loop import cosine_schedule, export_weights, resumable_training, training_command
@@ -52,14 +53,16 @@ def _smooth_deformation(gen: torch.Generator, size: int, amplitude_mm: float) ->
 def draw(source: Dict[str, torch.Tensor], gen: torch.Generator, size: int, points: int) -> Dict[str, torch.Tensor]:
     """One training pair: views ``a`` and ``b`` (size^3 each), ``b_index`` (points, 3) voxel indices (i, j, k)
     in B, ``a_index`` where A shows the same anatomy, and ``anatomy_mm`` (points, 3) its world position."""
-    u = lambda *s: torch.rand(s, generator=gen)  # noqa: E731
     image, affine, pts = source["image"], source["affine"].float(), source["body_points"]
+    dev = image.device                # random numbers from the CPU generator, the same on every device
+    u = lambda *s: torch.rand(s, generator=gen).to(dev)  # noqa: E731
     side = size * SPACING_MM
     centre_a = pts[int(torch.randint(len(pts), (1,), generator=gen))]
     centre_b = centre_a + (2 * u(3) - 1) * 20.0
     rot = rotation_matrix(math.radians(10) * (2 * u(3) - 1))
     y_b = view_points(centre_b, side, size)                                            # B's voxel centres
-    anatomy = (y_b - centre_b) @ rot.T + centre_b + _smooth_deformation(gen, size, MAX_DEFORMATION_MM * float(u(1)))
+    bend = _smooth_deformation(gen, size, MAX_DEFORMATION_MM * float(u(1))).to(dev)
+    anatomy = (y_b - centre_b) @ rot.T + centre_b + bend
     partner = "partner" in source and float(u(1)) < 0.5
     a_image, b_image = (source["partner"], image) if partner and float(u(1)) < 0.5 else \
         (image, source["partner"] if partner else image)
@@ -71,8 +74,8 @@ def draw(source: Dict[str, torch.Tensor], gen: torch.Generator, size: int, point
     seen = ((a_index >= 0) & (a_index <= size - 1)).all(-1) & (sample_world(image, affine, anatomy) > 0.02)
     candidates = torch.nonzero(seen.reshape(-1)).squeeze(1)
     if len(candidates) < points:
-        candidates = torch.arange(size ** 3)
-    pick = candidates[torch.randint(len(candidates), (points,), generator=gen)]
+        candidates = torch.arange(size ** 3, device=dev)
+    pick = candidates[torch.randint(len(candidates), (points,), generator=gen).to(dev)]
     k, j, i = pick // (size * size), (pick // size) % size, pick % size
     b_index = torch.stack([i, j, k], 1).float()
     a = augment_intensity(a_raw, a_raw > 0, gen, strong=float(u(1)) < 0.5)
@@ -94,7 +97,7 @@ def losses(net: FeatureEncoder, samples: List[Dict[str, torch.Tensor]], size: in
     ``SIGMA_MM`` (a readable progress number)."""
     views = torch.stack([s[k] for s in samples for k in ("a", "b")])[:, None]
     feats = net(views)
-    total, hits = torch.zeros(()), torch.zeros(())
+    total, hits = torch.zeros((), device=feats.device), torch.zeros((), device=feats.device)
     for n, s in enumerate(samples):
         fa = features_at(feats[2 * n:2 * n + 1], s["a_index"], size)
         fb = features_at(feats[2 * n + 1:2 * n + 2], s["b_index"], size)
@@ -109,16 +112,19 @@ def losses(net: FeatureEncoder, samples: List[Dict[str, torch.Tensor]], size: in
 
 def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, export: bool = True,
           models_dir: Optional[Path] = None, command: str = "", threads: Optional[int] = None,
-          stop_at: Optional[int] = None, data: Path = DATA, log: Callable[[str], None] = print) -> Dict:
-    """Train (resuming from ``<work>/checkpoint.pt``), then write the weights and their manifest entry."""
+          stop_at: Optional[int] = None, data: Path = DATA, device: str = "cpu",
+          log: Callable[[str], None] = print) -> Dict:
+    """Train (resuming from ``<work>/checkpoint.pt``) on ``device``, then write the weights and their manifest
+    entry."""
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
-    sources = ensure_sources(Path(work), log, data)
+    sources = ensure_sources(Path(work), log, data, dev)
     if not sources:
         raise RuntimeError("no training sources")
     config = dict(DEFAULT, spacing_mm=SPACING_MM)
-    net = build_encoder(config)
+    net = build_encoder(config).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = cosine_schedule(opt, steps)
 
@@ -143,6 +149,6 @@ def main(args) -> int:
     summary = train(Path(args.work), args.steps, args.seed, args.lr, export=not args.no_export,
                     models_dir=Path(args.models_dir) if args.models_dir else None, command=training_command(),
                     threads=args.threads, stop_at=args.stop_at, data=Path(args.data) if args.data else DATA,
-                    log=lambda m: print(m, flush=True))
+                    device=args.device, log=lambda m: print(m, flush=True))
     print(json.dumps(summary, indent=2))
     return 0

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..case import RegistrationCase
+from ..device import resolve_device
 from ..dicomrt import Structure
 from ..field import resample_field
 from ..image import Volume, crop_to_mask, read_volume, resample
@@ -220,13 +221,14 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, smooth_weight
           field_weight: float = 0.1, checkpoint_every: int = 50, export: bool = True, data: Path = DATA,
           models_dir: Optional[Path] = None, command: str = "", threads: Optional[int] = None,
           stop_at: Optional[int] = None, n_phantom_seeds: int = 6, pairs_csv: Optional[Path] = None,
-          init: Optional[Path] = None, log: Callable[[str], None] = print) -> Dict:
+          init: Optional[Path] = None, device: str = "cpu", log: Callable[[str], None] = print) -> Dict:
     """Train (resuming from ``work/checkpoint.pt``) up to ``steps`` steps; export the weights at the end.
 
     ``stop_at``: stop after that step (checkpointed, not exported), to spread a run over sessions; running
     the same command again resumes it and ends where an uninterrupted run would. ``pairs_csv``: fine-tune on
     institutional pairs (:func:`ensure_csv_pairs`) instead of the built-in data, starting from the weights
-    file ``init`` (e.g. the shipped ``Resources/Models/protondir.pt``)."""
+    file ``init`` (e.g. the shipped ``Resources/Models/protondir.pt``). ``device``: where the network trains
+    (samples are drawn on the CPU and moved there)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     if threads:
@@ -242,12 +244,15 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, smooth_weight
     if init is not None:
         state, _ = load_weights(Path(init).name, Path(init).parent)
         net.load_state_dict(state)
+    dev = resolve_device(device)
+    net.to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = cosine_schedule(opt, steps)
 
     def step_losses(step: int) -> Dict[str, torch.Tensor]:
         rng = np.random.default_rng([seed, step])
-        return loss_terms(net, sample(pairs[int(rng.integers(len(pairs)))], rng), smooth_weight, field_weight)
+        s = {k: v.to(dev) for k, v in sample(pairs[int(rng.integers(len(pairs)))], rng).items()}
+        return loss_terms(net, s, smooth_weight, field_weight)
 
     done = resumable_training(work, net, opt, sched, steps, step_losses, stop_at, checkpoint_every, log=log)
     if done < steps:
@@ -271,6 +276,6 @@ def main(args) -> int:
                     data=Path(args.data) if args.data else DATA,
                     models_dir=Path(args.models_dir) if args.models_dir else None, command=training_command(),
                     threads=args.threads, stop_at=args.stop_at, pairs_csv=args.pairs_csv, init=args.init,
-                    log=lambda m: print(m, flush=True))
+                    device=args.device, log=lambda m: print(m, flush=True))
     print(json.dumps(summary, indent=2))
     return 0

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..methods.quiz import MARGIN_MM, WEIGHTS
 from ..nets.quiz import DEFAULT, QuizNet, build
 from .loop import cosine_schedule, export_weights, resumable_training, training_command
@@ -49,8 +50,9 @@ def _inside(points: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.T
 def draw(source: Dict[str, torch.Tensor], gen: torch.Generator, size: int, queries: int
          ) -> Dict[str, torch.Tensor]:
     """One sample from ``source``: the two views, the query points and where the search view shows them."""
-    u = lambda *s: torch.rand(s, generator=gen)  # noqa: E731
     image, affine, pts = source["image"], source["affine"].float(), source["body_points"]
+    dev = image.device                # random numbers from the CPU generator, the same on every device
+    u = lambda *s: torch.rand(s, generator=gen).to(dev)  # noqa: E731
     search_image = source["partner"] if "partner" in source and float(u(1)) < 0.5 else image
     lo, hi = pts.min(0).values - 3, pts.max(0).values + 3
     ext = hi - lo
@@ -67,7 +69,7 @@ def draw(source: Dict[str, torch.Tensor], gen: torch.Generator, size: int, queri
     # the pose difference (reference world -> search world): x -> s R (x - c) + c + t
     centre = pts.mean(0)
     rot = rotation_matrix(math.radians(15) * (2 * u(3) - 1)) * (0.92 + 0.16 * float(u(1)))
-    direction = torch.randn(3, generator=gen)
+    direction = torch.randn(3, generator=gen).to(dev)
     shift = direction / direction.norm() * 60 * float(u(1))
     def to_search(x: torch.Tensor) -> torch.Tensor:
         return (x - centre) @ rot.T + centre + shift
@@ -99,10 +101,10 @@ def draw(source: Dict[str, torch.Tensor], gen: torch.Generator, size: int, queri
     search = sample_world(search_image, affine, to_reference(y))
     search = augment_intensity(search, _inside(y, s_lo, s_hi), gen, strong=True)
     # query points: body points the reference sees, jittered by up to half a voxel of the source
-    q = f_pts[torch.randint(len(f_pts), (queries,), generator=gen)] + (u(queries, 3) - 0.5) * SPACING_MM
+    q = f_pts[torch.randint(len(f_pts), (queries,), generator=gen).to(dev)] + (u(queries, 3) - 0.5) * SPACING_MM
     truth = to_search(q)
     return {"reference": ref[None], "search": search[None], "queries": (q - f_center) / (side / 2),
-            "truth_mm": truth, "visible": _inside(truth, s_lo, s_hi).float(), "side": torch.tensor(side),
+            "truth_mm": truth, "visible": _inside(truth, s_lo, s_hi).float(), "side": torch.tensor(side, device=dev),
             "f_center": f_center, "s_center": s_center, "to_reference_rot": inv_rot, "centre": centre,
             "shift": shift, "s_lo": s_lo, "s_hi": s_hi, "search_image": search_image, "affine": affine}
 
@@ -179,16 +181,19 @@ def losses(net: QuizNet, samples: List[Dict[str, torch.Tensor]], reset: bool) ->
 
 def train(work: Path, steps: int, seed: int = 0, lr: float = 5e-4, size: int = SIZE, export: bool = True,
           models_dir: Optional[Path] = None, command: str = "", threads: Optional[int] = None,
-          stop_at: Optional[int] = None, data: Path = DATA, log: Callable[[str], None] = print) -> Dict:
-    """Train (resuming from ``<work>/checkpoint.pt``), then write the weights and their manifest entry."""
+          stop_at: Optional[int] = None, data: Path = DATA, device: str = "cpu",
+          log: Callable[[str], None] = print) -> Dict:
+    """Train (resuming from ``<work>/checkpoint.pt``) on ``device``, then write the weights and their manifest
+    entry."""
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
-    sources = ensure_sources(Path(work), log, data)
+    sources = ensure_sources(Path(work), log, data, dev)
     if not sources:
         raise RuntimeError("no training sources")
     config = dict(DEFAULT, size=size)
-    net = build(config)
+    net = build(config).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = cosine_schedule(opt, steps)
     first_reset = int(QUIZZER_FRACTION * steps)
@@ -199,7 +204,7 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 5e-4, size: int = S
         samples = [draw(sources[k], gen, size, QUERIES) for k in picks]
         terms = losses(net, samples, reset=step >= first_reset)
         if step < first_reset:     # the same keys in every logged line
-            zero = torch.zeros(())
+            zero = torch.zeros((), device=dev)
             terms.update(point_reset=zero, ncc_reset=zero, error_reset_mm=zero)
         return terms
 
@@ -219,6 +224,7 @@ def main(args) -> int:
     summary = train(Path(args.work), args.steps, args.seed, args.lr, args.size, export=not args.no_export,
                     models_dir=Path(args.models_dir) if args.models_dir else None, command=training_command(),
                     threads=args.threads, stop_at=args.stop_at,
-                    data=Path(args.data) if args.data else DATA, log=lambda m: print(m, flush=True))
+                    data=Path(args.data) if args.data else DATA, device=args.device,
+                    log=lambda m: print(m, flush=True))
     print(json.dumps(summary, indent=2))
     return 0

@@ -78,11 +78,12 @@ def source_builders(data: Path = DATA) -> Dict[str, Callable[[], Dict[str, torch
     return out
 
 
-def ensure_sources(work: Path, log: Callable[[str], None], data: Path = DATA) -> List[Dict[str, torch.Tensor]]:
-    """The sources, built once into ``<work>/sources.pt`` (a rerun reads them back)."""
+def ensure_sources(work: Path, log: Callable[[str], None], data: Path = DATA,
+                   device: torch.device = torch.device("cpu")) -> List[Dict[str, torch.Tensor]]:
+    """The sources on ``device``, built once into ``<work>/sources.pt`` (a rerun reads them back)."""
     path = Path(work) / "sources.pt"
     if path.exists():
-        blob = torch.load(path, weights_only=True)
+        blob = torch.load(path, map_location=device, weights_only=True)
         return [blob[k] for k in sorted(blob)]
     blob = {}
     for name, build_source in source_builders(data).items():
@@ -90,7 +91,7 @@ def ensure_sources(work: Path, log: Callable[[str], None], data: Path = DATA) ->
         blob[name] = build_source()
     Path(work).mkdir(parents=True, exist_ok=True)
     torch.save(blob, path)
-    return [blob[k] for k in sorted(blob)]
+    return [{name: t.to(device) for name, t in blob[k].items()} for k in sorted(blob)]
 
 
 
@@ -100,7 +101,7 @@ def sample_world(image: torch.Tensor, affine: torch.Tensor, points: torch.Tensor
     differentiable in ``points``."""
     inv = torch.linalg.inv(affine.double()).float()
     idx = points @ inv[:3, :3].T + inv[:3, 3]
-    n = torch.tensor(image.shape[::-1], dtype=torch.float32)
+    n = torch.tensor(image.shape[::-1], dtype=torch.float32, device=points.device)
     norm = (idx + 0.5) / n * 2 - 1                  # align_corners=False
     out = F.grid_sample(image[None, None].float(), norm.reshape(1, -1, 1, 1, 3), mode="bilinear",
                         padding_mode="border", align_corners=False).reshape(points.shape[:-1])
@@ -111,23 +112,24 @@ def sample_world(image: torch.Tensor, affine: torch.Tensor, points: torch.Tensor
 def augment_intensity(x: torch.Tensor, inside: torch.Tensor, gen: torch.Generator, strong: bool) -> torch.Tensor:
     """Intensity changes of a cubic view ``x`` (n, n, n) in [0, 1] inside its field of view ``inside`` (outside
     stays 0): gamma and contrast; ``strong``: also, at random, another modality (a random non-monotonic
-    intensity map) and CBCT-like cupping, streaks and noise; and at random a 3-voxel blur."""
+    intensity map) and CBCT-like cupping, streaks and noise; and at random a 3-voxel blur. Random numbers come
+    from the CPU generator ``gen`` whatever the device of ``x``, so a seed gives the same draws on CPU and GPU."""
     u = lambda: float(torch.rand((), generator=gen))  # noqa: E731
     x = x.clamp(0, 1) ** math.exp(0.8 * u() - 0.4)
     x = x * (0.8 + 0.4 * u())
     if strong and u() < 0.3:                         # another modality: a random non-monotonic intensity map
-        knots = torch.rand(6, generator=gen)
+        knots = torch.rand(6, generator=gen).to(x.device)
         pos = x.clamp(0, 1) * 5
         k = pos.floor().clamp(max=4).long()
         x = knots[k] + (knots[k + 1] - knots[k]) * (pos - k)
     n = x.shape[0]
     if strong and u() < 0.3:                         # CBCT-like: cupping, streaks and noise
-        c = torch.linspace(-1, 1, n)
+        c = torch.linspace(-1, 1, n, device=x.device)
         zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
         x = x * (1 - 0.3 * u() * (xx ** 2 + yy ** 2))
         angle = 3.1416 * u()
         x = x + 0.08 * u() * torch.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 40 * u())
-        x = x + 0.06 * u() * torch.randn(x.shape, generator=gen)
+        x = x + 0.06 * u() * torch.randn(x.shape, generator=gen).to(x.device)
     if u() < 0.3:
         x = F.avg_pool3d(x[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
     return torch.where(inside, x, torch.zeros_like(x))
@@ -135,16 +137,16 @@ def augment_intensity(x: torch.Tensor, inside: torch.Tensor, gen: torch.Generato
 
 def view_points(center: torch.Tensor, side: float, size: int) -> torch.Tensor:
     """(n, n, n, 3) LPS mm voxel centres of a world-axis cube (array order z, y, x; components x, y, z)."""
-    axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size * side - side / 2
+    axis = (torch.arange(size, dtype=torch.float32, device=center.device) + 0.5) / size * side - side / 2
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
     return torch.stack([x, y, z], -1) + center
 
 
 def rotation_matrix(angles_rad: torch.Tensor) -> torch.Tensor:
-    """3x3 rotation about x, then y, then z by ``angles_rad`` (3,) radians."""
-    cx, cy, cz = torch.cos(angles_rad)
-    sx, sy, sz = torch.sin(angles_rad)
+    """3x3 rotation about x, then y, then z by ``angles_rad`` (3,) radians, on the device of ``angles_rad``."""
+    cx, cy, cz = torch.cos(angles_rad.cpu())
+    sx, sy, sz = torch.sin(angles_rad.cpu())
     rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    return (rz @ ry @ rx).to(angles_rad.device)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..device import resolve_device
 from ..losses import diffusion, multi_axis_mi
 from ..methods.tto import STUDENT_WEIGHTS, TEACHER_WEIGHTS
 from ..labelmaps import label_map_pair
@@ -74,7 +75,7 @@ def train(role: str, work: Path, steps: int, seed: int = 0, lr: float = 1e-4, sm
     ``work/checkpoint.pt``) and export its weights. The student needs the teacher's weights in ``models_dir``."""
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     config = TEACHER if role == "teacher" else STUDENT
     net = build(config).to(dev)
