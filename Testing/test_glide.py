@@ -178,7 +178,7 @@ def test_glide_ablations_run_and_register(phantom, extra):
 
 def test_glide_global_only_aligns_its_features(phantom):
     """The global stage alone minimises its own feature distance and gives a field without folding. (It does
-    not register this 5 mm phantom well with the CPU-trained encoder: the benchmark reports its TRE.)"""
+    not register this 5 mm phantom well alone: the benchmark reports its TRE.)"""
     from rtreg.field import jacobian_determinant
     result = _register(phantom, adam_iterations=30, stages="global")
     assert result.qa["stages"] == "global" and set(result.qa["ssd_after"]) == {"global"}

@@ -339,7 +339,7 @@ def align(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, moving_mask: np
     if not refine:
         messages.append(f"without the intensity refinement the transform is the network's matching alone; its "
                         f"resolution is the network's token spacing ({est.qa['token_spacing_mm']:.0f} mm here) and "
-                        "the shipped CPU-trained weights are off by 10-40 mm on hard cases: check it, or refine")
+                        "on the benchmark's rotated cases its answers were off by up to 30 mm: check it, or refine")
     if refine:
         progress(0.85, "intensity refinement")
         refined = optimise_linear(fixed, moving, est.affine, "rigid" if mode == "rigid" else "translation",

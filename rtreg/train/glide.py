@@ -32,8 +32,8 @@ from ..device import resolve_device
 from ..methods.glide import ENCODER_WEIGHTS
 from ..nets.glide import DEFAULT, FeatureEncoder, build_encoder
 from .loop import cosine_schedule, export_weights, resumable_training, training_command
-from .sources import (DATA, HELD_OUT, SPACING_MM, augment_intensity, ensure_sources, rotation_matrix, sample_world,
-                      source_builders, view_points)
+from .sources import (DATA, SPACING_MM, augment_intensity, describe_sources, ensure_sources, rotation_matrix,
+                      sample_world, view_points)
 
 SIZE = 48              # voxels per view side (144 mm at 3 mm)
 BATCH = 4
@@ -120,7 +120,8 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, export: bool 
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    sources = ensure_sources(Path(work), log, data, dev)
+    named = ensure_sources(Path(work), log, data, dev)
+    sources = list(named.values())
     if not sources:
         raise RuntimeError("no training sources")
     config = dict(DEFAULT, spacing_mm=SPACING_MM)
@@ -140,7 +141,7 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 1e-3, export: bool 
                "temperature": TEMPERATURE, "sigma_mm": SIGMA_MM}
     if export:
         export_weights(ENCODER_WEIGHTS, net, config, work, summary, command,
-                       f"sources: {', '.join(sorted(source_builders(data)))}; held out: {HELD_OUT}", models_dir, log)
+                       describe_sources(list(named)), models_dir, log)
     return summary
 
 

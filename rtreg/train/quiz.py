@@ -32,8 +32,8 @@ from ..device import resolve_device
 from ..methods.quiz import MARGIN_MM, WEIGHTS
 from ..nets.quiz import DEFAULT, QuizNet, build
 from .loop import cosine_schedule, export_weights, resumable_training, training_command
-from .sources import (DATA, HELD_OUT, SPACING_MM, augment_intensity, ensure_sources, sample_world, source_builders,
-                      rotation_matrix, view_points)
+from .sources import (DATA, SPACING_MM, augment_intensity, describe_sources, ensure_sources, rotation_matrix,
+                      sample_world, view_points)
 
 SIZE = 96                 # the shipped views (the paper's 128 with --size 128: about 3x slower to train)
 BATCH = 4
@@ -189,7 +189,8 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 5e-4, size: int = S
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    sources = ensure_sources(Path(work), log, data, dev)
+    named = ensure_sources(Path(work), log, data, dev)
+    sources = list(named.values())
     if not sources:
         raise RuntimeError("no training sources")
     config = dict(DEFAULT, size=size)
@@ -215,7 +216,7 @@ def train(work: Path, steps: int, seed: int = 0, lr: float = 5e-4, size: int = S
                "quizzer_steps": first_reset, "alpha": ALPHA}
     if export:
         export_weights(WEIGHTS, net, config, work, summary, command,
-                       f"sources: {', '.join(sorted(source_builders(data)))}; held out: {HELD_OUT}", models_dir, log)
+                       describe_sources(list(named)), models_dir, log)
     return summary
 
 

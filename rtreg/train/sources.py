@@ -79,19 +79,25 @@ def source_builders(data: Path = DATA) -> Dict[str, Callable[[], Dict[str, torch
 
 
 def ensure_sources(work: Path, log: Callable[[str], None], data: Path = DATA,
-                   device: torch.device = torch.device("cpu")) -> List[Dict[str, torch.Tensor]]:
-    """The sources on ``device``, built once into ``<work>/sources.pt`` (a rerun reads them back)."""
+                   device: torch.device = torch.device("cpu")) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Name -> source (in name order) on ``device``, built once into ``<work>/sources.pt`` (a rerun reads them
+    back, so the names are those the run trains on, whatever ``data`` holds now)."""
     path = Path(work) / "sources.pt"
     if path.exists():
         blob = torch.load(path, map_location=device, weights_only=True)
-        return [blob[k] for k in sorted(blob)]
+        return {k: blob[k] for k in sorted(blob)}
     blob = {}
     for name, build_source in source_builders(data).items():
         log(f"building source {name}")
         blob[name] = build_source()
     Path(work).mkdir(parents=True, exist_ok=True)
     torch.save(blob, path)
-    return [{name: t.to(device) for name, t in blob[k].items()} for k in sorted(blob)]
+    return {k: {name: t.to(device) for name, t in blob[k].items()} for k in sorted(blob)}
+
+
+def describe_sources(names: List[str]) -> str:
+    """The manifest's ``data`` text: the sources trained on and what was held out."""
+    return f"sources: {', '.join(sorted(names))}; held out: {HELD_OUT}"
 
 
 
