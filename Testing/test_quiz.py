@@ -314,6 +314,11 @@ def test_training_resumes_where_an_uninterrupted_run_ends_and_exports_weights(tm
     assert config["size"] == 32 and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 3 and log[-1]["point_reset"] > 0     # the reset phase trained (70 % of 3 steps)
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [2, 3] and resumed[1]["elapsed_s"] > resumed[0]["elapsed_s"]  # summed
+    # the manifest names the sources trained on (those of sources.pt), not what the data folder holds
+    assert read_manifest(tmp_path / "models_b")["quiz.pt"]["data"].startswith(
+        "sources: phantom-headneck, phantom-pelvis; held out:")
 
 
 def test_query_point_files_are_read_in_lps(tmp_path):

@@ -1,7 +1,8 @@
 """The resumable training loop shared by ``rtreg train ...`` commands.
 
-A run keeps ``<work>/checkpoint.pt`` (model, optimiser, scheduler, step) every ``checkpoint_every`` steps
-and appends the mean losses since the last checkpoint to ``<work>/log.jsonl``. Each step's random draws
+A run keeps ``<work>/checkpoint.pt`` (model, optimiser, scheduler, step, training time so far) every
+``checkpoint_every`` steps and appends the mean losses since the last checkpoint, with the training time
+(seconds, summed over resumed runs), to ``<work>/log.jsonl``. Each step's random draws
 must be seeded by (seed, step) in ``step_losses``, so a run resumed from a checkpoint ends exactly where
 an uninterrupted run ends.
 """
@@ -58,13 +59,14 @@ def resumable_training(work: Path, net: torch.nn.Module, opt: torch.optim.Optimi
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint.pt"
-    start = 0
+    start, earlier_s = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
+        earlier_s = float(state.get("elapsed_s", 0.0))      # training time before this run (s)
         log(f"resumed at step {start}")
     recent: List[Dict[str, float]] = []
     t0 = time.perf_counter()
@@ -82,11 +84,12 @@ def resumable_training(work: Path, net: torch.nn.Module, opt: torch.optim.Optimi
             mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
             with open(work / "log.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step + 1, **mean, "lr": sched.get_last_lr()[0],
-                                     "elapsed_s": time.perf_counter() - t0}) + "\n")
+                                     "elapsed_s": earlier_s + time.perf_counter() - t0}) + "\n")
             log(f"step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in mean.items()))
             recent = []
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step + 1}, ckpt)
+                        "scheduler": sched.state_dict(), "step": step + 1,
+                        "elapsed_s": earlier_s + time.perf_counter() - t0}, ckpt)
     if last_step < steps:
         log(f"stopped at step {last_step} of {steps}; run the same command again to resume")
     return max(last_step, start)

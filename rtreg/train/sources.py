@@ -100,7 +100,6 @@ def describe_sources(names: List[str]) -> str:
     return f"sources: {', '.join(sorted(names))}; held out: {HELD_OUT}"
 
 
-
 def sample_world(image: torch.Tensor, affine: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """``image`` (z, y, x) with index->world ``affine`` (4x4) at world ``points`` (..., 3): trilinear, 0
     outside the image (beyond half a voxel from the edge voxels' centres, as SimpleITK's resampling does);
