@@ -16,7 +16,7 @@
    "translation" keeps only the confidence-weighted mean displacement of the inliers (the paper's).
 5. Position reset: the moving image is resampled through that transform into the fixed view, and the
    network answers again (``passes`` in all, 2 by default); the fit is repeated on the new answers.
-6. Optional refinement (on by default): a rigid intensity optimisation from the estimate (8 then 4 mm; NCC
+6. Optional refinement (on by default): a rigid intensity optimisation from the estimate (8, 4, 2 mm; NCC
    for one modality, MI across), kept when it scores better than the estimate and moves the inlier points
    by less than the first pass's inlier distance.
 
@@ -59,6 +59,7 @@ FIRST_PASS_INLIER_MM = 25.0   # the first pass sees the whole pose difference: a
 MIN_CONFIDENT = 3          # inliers with confidence >= 0.5 needed for a result: at least this many,
 MIN_CONFIDENT_FRACTION = 0.1   # and this fraction of the query points
 RANSAC_TRIALS = 256
+REFINE_LEVELS_MM = (8.0, 4.0, 2.0)   # the intensity refinement's levels
 MODES = ("rigid", "translation")
 
 
@@ -123,7 +124,9 @@ def distinctive_points(image: np.ndarray, mask: np.ndarray, n: int) -> np.ndarra
     t = smooth(t, passes=1)
     gz, gy, gx = torch.gradient(t[0, 0])
     g = [gx, gy, gz]
-    s = {(a, b): smooth((g[a] * g[b])[None, None], passes=2)[0, 0] for a in range(3) for b in range(a, 3)}
+    pairs = [(a, b) for a in range(3) for b in range(a, 3)]
+    tensor = smooth(torch.stack([g[a] * g[b] for a, b in pairs])[None], passes=2)[0]   # one call: 2x faster
+    s = dict(zip(pairs, tensor))
     j = lambda a, b: s[(min(a, b), max(a, b))]  # noqa: E731
     det = (j(0, 0) * (j(1, 1) * j(2, 2) - j(1, 2) ** 2) - j(0, 1) * (j(0, 1) * j(2, 2) - j(1, 2) * j(0, 2))
            + j(0, 2) * (j(0, 1) * j(1, 2) - j(1, 1) * j(0, 2)))
@@ -343,7 +346,8 @@ def align(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, moving_mask: np
     if refine:
         progress(0.85, "intensity refinement")
         refined = optimise_linear(fixed, moving, est.affine, "rigid" if mode == "rigid" else "translation",
-                                  fixed_mask, moving_mask, similarity, levels_mm=(8.0, 4.0), iterations=(30, 30),
+                                  fixed_mask, moving_mask, similarity, levels_mm=REFINE_LEVELS_MM,
+                                  iterations=(30,) * len(REFINE_LEVELS_MM),
                                   device=device, seed=seed, max_points=20_000)
         m = est.matches
         p = m.fixed[m.inliers] if m.inliers.any() else m.fixed
