@@ -348,7 +348,7 @@ def align(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, moving_mask: np
         refined = optimise_linear(fixed, moving, est.affine, "rigid" if mode == "rigid" else "translation",
                                   fixed_mask, moving_mask, similarity, levels_mm=REFINE_LEVELS_MM,
                                   iterations=(30,) * len(REFINE_LEVELS_MM),
-                                  device=device, seed=seed, max_points=20_000)
+                                  device=device, seed=seed, max_points=20_000, precise=True)
         m = est.matches
         p = m.fixed[m.inliers] if m.inliers.any() else m.fixed
         moved = p @ (refined[:3, :3] - est.affine[:3, :3]).T + refined[:3, 3] - est.affine[:3, 3]
