@@ -166,3 +166,24 @@ def test_adam_steps_as_torch_adam():
         reference.step()
     assert torch.equal(ours, theirs)
     assert float((ours - target).abs().max()) < 1.5        # it moved towards the minimum
+
+
+def test_precise_samples_lie_off_the_grid_and_keep_to_the_overlap(pelvis):
+    """The two parts of the precise schedule on their own: off-grid samples carry the fixed image's
+    interpolated values, and after keep_overlap every sample maps at least the margin inside the moving image."""
+    import torch
+    from rtreg.image import normalize_intensity
+    from rtreg.prealign import _Samples
+    ct = pelvis.planning
+    norm = ct.with_array(normalize_intensity(ct, body_mask(ct)))
+    gen = torch.Generator().manual_seed(0)
+    s = _Samples(norm, norm, body_mask(ct), 5.0, gen, 5000, torch.device("cpu"), off_grid=True)
+    idx = ct.grid.world_to_index(s.pts.double().numpy())
+    assert np.abs(idx - np.round(idx)).max() > 0.25                     # not on the grid
+    assert np.allclose(s.vals.numpy(), _values_at(norm, s.pts.double().numpy()), atol=1e-4)
+    shift = torch.tensor([0.0, 0.0, 0.6 * ct.grid.shape[0] * ct.grid.spacing[2]], dtype=torch.float32)  # 40 % overlap in z
+    n = len(s.pts)
+    s.keep_overlap(torch.eye(3), shift, margin_mm=4.0, min_points=10)
+    inside = s.moving_index(torch.eye(3), shift).numpy()
+    assert 10 <= len(s.pts) < n
+    assert np.all(inside > 4.0 / 5.0 - 0.5 - 1e-4) and np.all(inside < np.array(ct.grid.size_xyz) - 0.5 - 0.8 + 1e-4)

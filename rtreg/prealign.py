@@ -117,9 +117,9 @@ class _Samples:
     smoothed for a level of ``spacing_mm``; ``similarity`` scores a fixed->moving matrix on them.
 
     The samples are up to ``max_points`` random level voxels of the fixed mask. ``off_grid``: each is moved by
-    a uniform offset within its voxel (values interpolated), so the samples do not lie on the level's grid: on-grid samples make the
-    similarity favour transforms that put them on the moving image's grid as well (the interpolation artefact
-    of image registration), which biased the optimum by up to 1 mm on the benchmark's 3 mm images."""
+    a uniform offset within its voxel (values interpolated), so the samples do not lie on the level's grid.
+    On-grid samples make the similarity favour transforms that put them on the moving image's grid as well
+    (the interpolation artefact), which biased the optimum by up to 1 mm on the benchmark's 3 mm images."""
 
     def __init__(self, f_norm: Volume, m_norm: Volume, fixed_mask: Optional[np.ndarray], spacing_mm: float,
                  gen: torch.Generator, max_points: int, device: torch.device, off_grid: bool = False):
