@@ -5,7 +5,7 @@ import SimpleITK as sitk
 from conftest import oblique_grid, smooth_field, smooth_image
 from rtreg.field import (SpatialTransform, compose, invert, jacobian_determinant, read_transform, resample_field,
                          warp, write_field, write_transform)
-from rtreg.image import read_volume
+from rtreg.image import Grid, read_volume
 from rtreg.synth import rigid_matrix
 
 
@@ -90,3 +90,15 @@ def test_fields_read_back_as_written(tmp_path):
     back = read_volume(write_field(f, tmp_path / "f.nrrd"))
     np.testing.assert_allclose(back.affine, grid.affine, atol=1e-5)
     np.testing.assert_allclose(back.array, f.array, atol=1e-6)
+
+
+def test_moving_coverage_marks_where_the_moving_image_has_data():
+    from rtreg.field import moving_coverage
+    g = Grid.from_geometry((10, 10, 10), (2.0, 2.0, 2.0))
+    shift = np.eye(4)
+    shift[0, 3] = 5.0                          # fixed x -> moving x + 5 mm (2.5 voxels)
+    cover = moving_coverage(g, shift, g)
+    assert cover.dtype == np.uint8 and cover[:, :, :7].all() and not cover[:, :, 7:].any()
+    small = Grid.from_geometry((10, 10, 4), (2.0, 2.0, 2.0))   # a moving image 4 voxels wide in x
+    narrow = moving_coverage(small, np.eye(4), g)
+    assert narrow[:, :, :4].all() and not narrow[:, :, 4:].any()

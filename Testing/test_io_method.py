@@ -88,3 +88,19 @@ def test_memory_check_names_a_resolution_that_fits(thorax):
     with pytest.raises(InputError, match="coarser grid"):
         check_memory(thorax.planning.grid, 4.0, torch.device("cpu"), free_device=big, free_host=10_000_000)
     check_memory(thorax.planning.grid, 4.0, torch.device("cpu"), free_device=big, free_host=big)
+
+
+def test_a_cropped_moving_field_of_view_does_not_pull_the_registration_to_its_fill(thorax):
+    """The repeat image ends 18 slices (72 mm) short: the similarity counts only where it has data, so the
+    points it holds are registered as well as with the full field of view (without that restriction the
+    fixed body beyond the cut is matched to the fill: 1.9 mm mean, 9.9 mm max error here)."""
+    from rtreg.image import Volume
+    rep = thorax.repeat
+    keep = 42
+    cropped = Volume(rep.array[:keep].copy(), rep.affine.copy(), dict(rep.meta))
+    inside = rep.grid.world_to_index(thorax.points_repeat)[:, 2] < keep - 4       # points 3 voxels inside the cut
+    res = get_method("io")(RegistrationCase(thorax.planning, cropped),
+                           RegisterOptions(device="cpu", working_spacing_mm=4.0))
+    before = point_errors(SpatialTransform.identity(), thorax.points_planning[inside], thorax.points_repeat[inside])
+    after = point_errors(res.transform, thorax.points_planning[inside], thorax.points_repeat[inside])
+    assert after["mean"] < 0.25 * before["mean"] and after["max"] < 7.0, (before, after)

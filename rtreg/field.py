@@ -51,6 +51,15 @@ def sitk_linear_to_affine(tx: sitk.Transform) -> np.ndarray:
     return a
 
 
+def moving_coverage(moving_grid: Grid, affine: np.ndarray, grid: Grid) -> np.ndarray:
+    """(z, y, x) uint8 on ``grid``: 1 where the 4x4 ``affine`` (``grid``'s LPS mm -> the moving image's LPS mm)
+    maps the voxel centre inside ``moving_grid``, so that linear interpolation reads only moving voxels and no
+    fill (0 beyond a cropped field of view). Similarity is counted there only: comparing the fixed body with
+    the fill of a moving image that does not reach it pulls a registration towards the fill."""
+    ones = Volume(np.ones(moving_grid.shape, np.float32), moving_grid.affine.copy())
+    return (resample(ones, grid, "linear", affine_to_sitk(affine), 0.0).array > 0.999).astype(np.uint8)
+
+
 def field_to_sitk_transform(field: Volume) -> sitk.DisplacementFieldTransform:
     """A DisplacementFieldTransform over a copy of ``field`` (vector Volume, LPS mm)."""
     _check_field(field)

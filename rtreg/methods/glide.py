@@ -16,7 +16,7 @@ working spacing) and a grid C of half its resolution:
    Optionally the same in the backward direction, and both made inverse-consistent.
    Guard (ours): when u_g raises the local feature SSD inside the fixed mask, the global features do not
    describe this pair (the shipped encoder was trained briefly on a CPU); u_g and the global term are then
-   dropped, and the result says so.
+   dropped, and the result says so (``global_guard``: False keeps them, for ablations).
 4. **Adam instance optimisation** on C (control field on C, smoothed): alpha SSD(global) + beta SSD(local)
    inside the fixed mask + lambda bending energy, the VAE updated jointly (its reconstruction and KL terms
    added), until its iterations or the time budget. Each SSD is estimated every step on ``ADAM_SAMPLES``
@@ -28,7 +28,7 @@ stage that the guard drops, leave the local features alone; an image too small f
 
 Options (``options.extra``): ``global_features`` learned | sam2 | none; ``sam2_checkpoint``,
 ``sam2_config``; ``reduction`` vae | pca; ``stages`` global-to-local | global | local; ``inverse_consistency``
-(bool); ``adam_iterations``. ``options.iterations`` also sets the Adam iterations, ``time_budget_s`` bounds
+(bool); ``global_guard`` (bool, default True); ``adam_iterations``. ``options.iterations`` also sets the Adam iterations, ``time_budget_s`` bounds
 them; ``regularization_weight`` is lambda.
 """
 from __future__ import annotations
@@ -218,7 +218,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         if u_g is not None and local is not None:
             before, after = (_ssd(local[0], m, fine.mask) for m in (local[1], warp(local[1], u_g, grid)))
             qa["local_ssd_global_stage"] = {"before": before, "after": after}
-            if after > before:    # the learned features disagree with the image here: keep them out
+            if after > before and options.extra.get("global_guard", True):   # they disagree with the image here
                 messages.append(f"the global convex stage was dropped: it raised the local (MIND-SSC) feature "
                                 f"SSD from {before:.4g} to {after:.4g}, so the global features do not describe "
                                 "this pair; GlideReg ran on its local features alone")

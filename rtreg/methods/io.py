@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
-from ..field import SpatialTransform, affine_to_sitk, resample_field
+from ..field import SpatialTransform, affine_to_sitk, moving_coverage, resample_field
 from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
 from ..losses import bending_energy, diffusion, mind_ssc, ncc_local
 from ..memory import check_memory
@@ -60,7 +60,8 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
             iterations: List[int], device: torch.device) -> List[Level]:
     """One level per entry of ``iterations``, coarsest first, ending at ``spacing_mm`` (each level halves the
     spacing) on the fixed grid: the normalised images (moving through the
-    pre-alignment ``affine``), anti-aliased, and the fixed mask widened by 2 voxels."""
+    pre-alignment ``affine``), anti-aliased, and the fixed mask widened by 2 voxels where the pre-aligned moving
+    image has data (:func:`rtreg.field.moving_coverage`)."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
@@ -70,6 +71,7 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
         m = resample(smooth_for_downsampling(m_norm, sp), g, "linear", affine_to_sitk(affine), 0.0)
         mk = resample(f_norm.with_array(fixed_mask), g, "mask").array
         mk_t = F.max_pool3d(to_tensor(mk, device), 5, stride=1, padding=2)  # a 2-voxel margin around the mask
+        mk_t = mk_t * to_tensor(moving_coverage(m_norm.grid, affine, g), device)
         levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mk_t, n_it))
     return levels
 

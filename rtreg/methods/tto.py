@@ -9,7 +9,8 @@
 3. The shipped student (:data:`rtreg.nets.tto.STUDENT`, distilled from the teacher; see
    :mod:`rtreg.train.tto`) predicts a displacement; then its weights are optimised on this pair with Adam:
    multi-axis mutual information + local NCC (only when the modalities match, or when asked) + diffusion
-   smoothness + a divergence penalty (near-incompressibility), inside the fixed body. It stops at
+   smoothness + a divergence penalty (near-incompressibility), inside the fixed body where the pre-aligned
+   moving image has data (not over the fill beyond a cropped field of view). It stops at
    ``options.iterations`` (default 100) or ``options.time_budget_s`` (default 60 s), whichever comes first.
 4. The field (tapered to zero at the working grid's faces) is returned on the fixed grid at full resolution.
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
-from ..field import SpatialTransform, resample_field, warp
+from ..field import SpatialTransform, moving_coverage, resample_field, warp
 from ..image import Volume, resample, smooth_for_downsampling
 from ..losses import diffusion, divergence_penalty, multi_axis_mi, ncc_local
 from ..memory import check_memory
@@ -150,7 +151,8 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     f_img, m_img = network_images(f_norm, m_norm, affine, grid)
     body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
     f_t, m_t = to_tensor(f_img, device), to_tensor(m_img, device)
-    mask_t = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2)
+    mask_t = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2) * to_tensor(
+        moving_coverage(case.moving.grid, affine, grid), device)      # the similarity counts where both have data
     t_in = time.perf_counter()
     qa: Dict[str, object] = {"network": options.extra.get("network", "student"), "adapted": do_adapt,
                              "similarity": "multi-axis MI + local NCC" if use_ncc else "multi-axis MI",
