@@ -3,9 +3,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from conftest import oblique_grid, smooth_field, smooth_image
-from rtreg.field import (SpatialTransform, compose, invert, jacobian_determinant, read_transform, resample_field,
-                         warp, write_field, write_transform)
-from rtreg.image import Grid, read_volume
+from rtreg.field import (SpatialTransform, affine_to_sitk, compose, invert, jacobian_determinant, read_transform,
+                         resample_field, warp, write_field, write_transform)
+from rtreg.image import Grid, Volume, read_volume, resample
 from rtreg.synth import rigid_matrix
 
 
@@ -102,3 +102,10 @@ def test_moving_coverage_marks_where_the_moving_image_has_data():
     small = Grid.from_geometry((10, 10, 4), (2.0, 2.0, 2.0))   # a moving image 4 voxels wide in x
     narrow = moving_coverage(small, np.eye(4), g)
     assert narrow[:, :, :4].all() and not narrow[:, :, 4:].any()
+    # oblique grids and a rotation: where resampling an all-ones moving image reads no fill
+    fixed_grid, moving_grid = oblique_grid((20, 22, 24), (2.0, 2.5, 3.0)), oblique_grid((12, 14, 16), (3.0, 2.0, 2.0))
+    a = rigid_matrix((8.0, -5.0, 12.0), (6.0, -4.0, 3.0), fixed_grid.center())
+    ones = Volume(np.ones(moving_grid.shape, np.float32), moving_grid.affine.copy())
+    by_resampling = resample(ones, fixed_grid, "linear", affine_to_sitk(a), 0.0).array > 0.999
+    cover = moving_coverage(moving_grid, a, fixed_grid)
+    assert 0 < cover.sum() < cover.size and np.mean(cover.astype(bool) != by_resampling) < 1e-3

@@ -53,11 +53,17 @@ def sitk_linear_to_affine(tx: sitk.Transform) -> np.ndarray:
 
 def moving_coverage(moving_grid: Grid, affine: np.ndarray, grid: Grid) -> np.ndarray:
     """(z, y, x) uint8 on ``grid``: 1 where the 4x4 ``affine`` (``grid``'s LPS mm -> the moving image's LPS mm)
-    maps the voxel centre inside ``moving_grid``, so that linear interpolation reads only moving voxels and no
-    fill (0 beyond a cropped field of view). Similarity is counted there only: comparing the fixed body with
-    the fill of a moving image that does not reach it pulls a registration towards the fill."""
-    ones = Volume(np.ones(moving_grid.shape, np.float32), moving_grid.affine.copy())
-    return (resample(ones, grid, "linear", affine_to_sitk(affine), 0.0).array > 0.999).astype(np.uint8)
+    maps the voxel centre inside ``moving_grid`` (continuous index in [-0.5, n - 0.5) on each axis, where ITK's
+    linear interpolation reads moving voxels and not the fill of a cropped field of view). Similarity is
+    counted there only: comparing the fixed body with the fill pulls a registration towards the fill."""
+    to_index = np.linalg.inv(moving_grid.affine) @ np.asarray(affine, np.float64) @ grid.affine   # ijk -> moving ijk
+    k, j, i = (np.arange(n, dtype=np.float64) for n in grid.shape)
+    inside = np.ones(grid.shape, bool)
+    for axis, n in enumerate(moving_grid.size_xyz):      # the map is affine: one broadcast sum per moving axis
+        r = to_index[axis]
+        index = r[0] * i[None, None, :] + r[1] * j[None, :, None] + r[2] * k[:, None, None] + r[3]
+        inside &= (index >= -0.5) & (index < n - 0.5)  # ITK's buffer: half a voxel past the edge centres
+    return inside.astype(np.uint8)
 
 
 def field_to_sitk_transform(field: Volume) -> sitk.DisplacementFieldTransform:

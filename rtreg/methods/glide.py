@@ -14,7 +14,8 @@ working spacing) and a grid C of half its resolution:
    composition w(x) = u_l(x) + u_g(x + u_l(x)) is the field of warping by u_g, then by u_l (our fields pull
    back: warped(x) = moving(x + w(x)); the paper's u_g(x) + u_l(x + u_g(x)) written for the same sequence).
    Optionally the same in the backward direction, and both made inverse-consistent.
-   Guard (ours): when u_g raises the local feature SSD inside the fixed mask, the global features do not
+   Guard (ours): when u_g raises the local feature SSD inside the fixed mask (where the pre-aligned moving
+   image has data), the global features do not
    describe this pair (the shipped encoder was trained briefly on a CPU); u_g and the global term are then
    dropped, and the result says so (``global_guard``: False keeps them, for ablations).
 4. **Adam instance optimisation** on C (control field on C, smoothed): alpha SSD(global) + beta SSD(local)
@@ -28,8 +29,8 @@ stage that the guard drops, leave the local features alone; an image too small f
 
 Options (``options.extra``): ``global_features`` learned | sam2 | none; ``sam2_checkpoint``,
 ``sam2_config``; ``reduction`` vae | pca; ``stages`` global-to-local | global | local; ``inverse_consistency``
-(bool); ``global_guard`` (bool, default True); ``adam_iterations``. ``options.iterations`` also sets the Adam iterations, ``time_budget_s`` bounds
-them; ``regularization_weight`` is lambda.
+(bool); ``global_guard`` (bool, default True); ``adam_iterations``. ``options.iterations`` also sets the
+Adam iterations, ``time_budget_s`` bounds them; ``regularization_weight`` is lambda.
 """
 from __future__ import annotations
 
