@@ -30,21 +30,29 @@ from .image import Volume
 SIGMA_TARGET_MM = 20.0     # proximity to the CTV falls to exp(-1/2) at this distance
 BAND_MM = 5.0              # half-width of the CTV boundary band
 ISODOSE_LEVELS = (0.95, 0.8, 0.5)   # fractions of the prescription whose bands the risk map marks
+DARK_FRACTION = 0.1        # MR / PET background: at most this fraction of the bright end (99th percentile)
 
 
 def body_mask(volume: Volume, threshold_hu: float = -400.0) -> np.ndarray:
-    """Body mask (uint8): CT above ``threshold_hu`` (other modalities: above the Otsu threshold),
-    largest connected component, holes filled slice by slice (so lungs and bowel gas are inside)."""
+    """Body mask (uint8): CT above ``threshold_hu``; other modalities (MR, PET) above a background
+    threshold; then the largest connected component, holes filled slice by slice (so lungs and bowel gas
+    are inside).
+
+    The background threshold is the lower of the two three-class Otsu thresholds (background | darker
+    tissue | brighter tissue) or ``DARK_FRACTION`` of the 99th percentile above the minimum, whichever is
+    lower. Two classes split the tissues instead (a T1 MR's fat from its muscle and tumour, a PET's lesions
+    from the body's uptake), so the mask kept only the fat or the lesion: 13 % of the IBSI sarcoma T1 MR
+    against 73 % now. The percentile bound holds where the field of view lies inside the body and there is
+    no background class."""
     a = volume.array
     if volume.meta.get("modality", "").upper() == "CT" or volume.meta.get("units") == "HU":
         fg = a > threshold_hu
     else:
-        img = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-        otsu = sitk.OtsuThresholdImageFilter()
-        otsu.SetInsideValue(0)
-        otsu.SetOutsideValue(1)
-        otsu.Execute(img)
-        fg = a > otsu.GetThreshold()
+        otsu = sitk.OtsuMultipleThresholdsImageFilter()
+        otsu.SetNumberOfThresholds(2)
+        otsu.Execute(sitk.Cast(volume.to_sitk(), sitk.sitkFloat32))
+        lo = float(np.min(a))
+        fg = a > lo + min(otsu.GetThresholds()[0] - lo, DARK_FRACTION * (float(np.percentile(a, 99)) - lo))
     fg = ndimage.binary_opening(fg, iterations=1) if min(a.shape) > 4 else fg
     labels, n = ndimage.label(fg)
     if n == 0:

@@ -450,6 +450,31 @@ def cbct_artefacts(ct: Volume, rng: np.random.Generator) -> Volume:
     return out
 
 
+# T1-weighted MR signal (fraction of its maximum) at CT numbers (HU), after typical 1.5 T values: air and
+# cortical bone dark, fat brightest, fluid darker than muscle, fatty marrow bright: not monotone in HU
+_T1_HU = (-1000.0, -900.0, -500.0, -200.0, -100.0, -50.0, 0.0, 20.0, 50.0, 100.0, 250.0, 500.0, 900.0)
+_T1_SIGNAL = (0.0, 0.02, 0.05, 0.65, 0.95, 0.8, 0.25, 0.3, 0.42, 0.45, 0.6, 0.3, 0.05)
+
+
+def t1_weighted_like(ct: Volume, rng: np.random.Generator, bias: float = 0.25, noise: float = 0.02) -> Volume:
+    """A T1-weighted-MR-like image of a CT's anatomy, in the CT's grid and frame (a multimodal pair whose
+    true alignment is exact, unlike a real MR and CT taken on different days).
+
+    Signal from HU by the table above (not monotone, so NCC to the CT is low or negative and only a
+    multimodal similarity aligns them), times a smooth multiplicative bias field (up to +-``bias``), plus
+    Rician noise of ``noise`` (fraction of the maximum); values 0-1000, ``modality`` MR."""
+    signal = np.interp(ct.array.astype(np.float64), _T1_HU, _T1_SIGNAL)
+    coarse = rng.standard_normal((3, 3, 3))
+    field = ndimage.zoom(coarse, np.array(signal.shape) / 3.0, order=3, mode="nearest")[tuple(
+        slice(0, n) for n in signal.shape)]
+    signal = signal * np.exp(bias * field / max(float(np.abs(field).max()), 1e-6))
+    real = signal + rng.normal(0.0, noise, signal.shape)
+    imag = rng.normal(0.0, noise, signal.shape)
+    out = ct.with_array((1000.0 * np.hypot(real, imag)).astype(np.float32))
+    out.meta = dict(ct.meta, modality="MR", units="", name=f"{ct.meta.get('name', 'image')} (T1-like)")
+    return out
+
+
 def _seen_from(grid: Grid, transform: np.ndarray, other: Grid, margin_voxels: int = 0) -> np.ndarray:
     """Voxels of ``grid`` whose image under the 4x4 ``transform`` lies inside ``other`` (slice by slice)."""
     out = np.zeros(grid.shape, bool)
