@@ -105,7 +105,8 @@ def test_body_mask_of_a_t1_like_mr_covers_the_body_also_in_a_field_of_view_insid
     body = body_mask(ct)
     z, y, x = np.nonzero(body)
     inner = np.zeros_like(body)
-    inner[:, int(np.percentile(y, 20)):int(np.percentile(y, 80)), int(np.percentile(x, 20)):int(np.percentile(x, 80))] = 1
+    y0, y1, x0, x1 = (int(np.percentile(v, q)) for v in (y, x) for q in (20, 80))
+    inner[:, y0:y1, x0:x1] = 1
     for image in (ct, crop_to_mask(ct, inner, 0.0)):      # whole body in air; a field of view inside the body
         mr = t1_weighted_like(image, np.random.default_rng(0))
         inside = body_mask(image) > 0

@@ -53,7 +53,7 @@ from ..models import load_weights
 from ..nets.glide import build_encoder
 from ..prealign import prealign
 from ..spatial import compose_fields, field_to_array, resample_on_grid, warp
-from .io import normalised_images, pyramid, registration_masks, same_modality
+from .io import normalised_images, prealign_similarity, pyramid, registration_masks
 
 NAME = "glide"
 ENCODER_WEIGHTS = "glide_features.pt"
@@ -188,7 +188,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     fixed_mask, moving_mask = registration_masks(case)
     progress(0.0, f"pre-alignment ({options.prealign})")
     affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask,
-                      "ncc" if same_modality(case) else "mi", device, options.seed, lambda f, m: progress(0.15 * f, m))
+                      prealign_similarity(case, options.similarity), device, options.seed,
+                      lambda f, m: progress(0.15 * f, m))
     t_pre = time.perf_counter()
 
     f_norm, m_norm = normalised_images(case, fixed_mask, moving_mask)

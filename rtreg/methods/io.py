@@ -40,6 +40,16 @@ def same_modality(case: RegistrationCase) -> bool:
     return a == b or not a or not b
 
 
+def prealign_similarity(case: RegistrationCase, similarity: str) -> str:
+    """The pre-alignment's similarity ("ncc" or "mi") for a method run with ``similarity`` (its option):
+    "ncc" asks for one modality, "auto" follows the images' modalities (:func:`same_modality`), and any
+    multimodal choice (mind, mi) asks for mutual information. An image read from NIfTI carries no modality,
+    so the option is what tells an MR from a CT there."""
+    if similarity == "auto":
+        return "ncc" if same_modality(case) else "mi"
+    return "ncc" if similarity == "ncc" else "mi"
+
+
 @dataclass
 class Level:
     grid: Grid
@@ -107,7 +117,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     fixed_mask, moving_mask = registration_masks(case)
     progress(0.0, f"pre-alignment ({options.prealign})")
     affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask,
-                      "ncc" if similarity == "ncc" else "mi", device, options.seed,
+                      prealign_similarity(case, similarity), device, options.seed,
                       lambda f, m: progress(0.2 * f, m))
     t_pre = time.perf_counter()
 

@@ -47,7 +47,7 @@ from ..models import load_weights
 from ..nets.quiz import QuizNet, build
 from ..prealign import best_start, optimise_linear
 from ..spatial import smooth, to_tensor
-from .io import registration_masks, same_modality
+from .io import prealign_similarity, registration_masks
 
 NAME = "quiz"
 WEIGHTS = "quiz.pt"
@@ -380,7 +380,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     device = resolve_device(options.device)
     seed_everything(options.seed)
     fixed_mask, moving_mask = registration_masks(case)
-    similarity = "ncc" if same_modality(case) else "mi"
+    similarity = prealign_similarity(case, options.similarity)
     est, messages = align(case.fixed, case.moving, fixed_mask, moving_mask, similarity, case.query_points,
                           str(options.extra.get("mode", "rigid")), int(options.extra.get("passes", PASSES)),
                           int(options.extra.get("n_points", N_POINTS)), bool(options.extra.get("refine", True)),

@@ -132,8 +132,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     iterations, seconds = check_budget(options) if do_adapt else (0, 0.0)
     if options.similarity not in SIMILARITIES:
         raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
-    same = io.same_modality(case)
-    use_ncc = options.similarity == "ncc" or (options.similarity == "auto" and same)
+    use_ncc = io.prealign_similarity(case, options.similarity) == "ncc"    # NCC only within one modality
     messages: List[str] = []
     fixed_mask, moving_mask = io.registration_masks(case)
     if fixed_mask.all():
