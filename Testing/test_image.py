@@ -102,3 +102,22 @@ def test_bad_images_get_clear_errors(tmp_path):
                 read_volume(path)
     with pytest.raises(InputError, match="zero size"):
         Grid((0, 4, 4), np.eye(4))
+
+
+def test_nrrd_and_mha_keep_the_modality_so_an_mr_file_is_not_taken_for_a_ct(tmp_path):
+    """The Slicer modules hand volumes to the engine as NRRD: before, an int16 MR came back as a CT in HU (its
+    body mask thresholded at -400 HU, its similarity NCC)."""
+    from rtreg.case import RegistrationCase
+    from rtreg.methods.io import prealign_similarity, same_modality
+    arr = (np.arange(6 * 7 * 8).reshape(6, 7, 8) % 300).astype(np.int16)
+    ct = Volume(arr, oblique_grid((6, 7, 8)).affine, {"modality": "CT", "units": "HU"})
+    mr = ct.with_array(arr, modality="MR", units="")
+    for suffix in (".nrrd", ".mha"):
+        back_ct = read_volume(write_volume(ct, tmp_path / f"ct{suffix}"))
+        back_mr = read_volume(write_volume(mr, tmp_path / f"mr{suffix}"))
+        assert (back_ct.meta["modality"], back_ct.meta["units"]) == ("CT", "HU")
+        assert (back_mr.meta["modality"], back_mr.meta["units"]) == ("MR", "")
+        case = RegistrationCase(back_ct, back_mr)
+        assert not same_modality(case) and prealign_similarity(case, "auto") == "mi"
+    legacy = read_volume(write_volume(Volume(arr, ct.affine), tmp_path / "plain.nii.gz"))   # no header meta
+    assert legacy.meta["units"] == "HU" and "modality" not in legacy.meta

@@ -189,6 +189,10 @@ def check_finite(volume: Volume, role: str) -> None:
 
 # ---------------------------------------------------------------- reading and writing
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# meta written into NRRD and MHA headers (NIfTI has no place for them) and read back: the modality tells the
+# methods an MR from a CT when the Slicer modules hand their volumes to the engine as files
+FILE_META = ("modality", "units")
+FILE_META_PREFIX = "rtreg_"
 
 
 def read_volume(path: PathLike) -> Volume:
@@ -221,10 +225,13 @@ def read_volume(path: PathLike) -> Volume:
     if p.name.lower().endswith((".nii", ".nii.gz")) and _nifti_has_nonfinite(p):
         raise InputError(f"{p} has NaN or infinite voxels (ITK would read them as 0); replace them (e.g. with "
                          "the background value) before registering")
-    if img.GetNumberOfComponentsPerPixel() == 1:
-        units = "HU" if img.GetPixelID() in (sitk.sitkInt16, sitk.sitkInt32) else ""
-        return Volume.from_sitk(img, name=_stem(p), units=units, path=str(p))
-    return Volume.from_sitk(img, name=_stem(p), path=str(p))
+    kept = {key: img.GetMetaData(FILE_META_PREFIX + key) for key in FILE_META
+            if img.HasMetaDataKey(FILE_META_PREFIX + key)}
+    if img.GetNumberOfComponentsPerPixel() == 1 and "units" not in kept:
+        # no units written: integer voxels are taken as CT numbers, unless a modality other than CT is known
+        ct = kept.get("modality", "CT").upper() == "CT"
+        kept["units"] = "HU" if ct and img.GetPixelID() in (sitk.sitkInt16, sitk.sitkInt32) else ""
+    return Volume.from_sitk(img, name=_stem(p), path=str(p), **kept)
 
 
 def read_frames(path: PathLike) -> List[Volume]:
@@ -297,12 +304,17 @@ def _stem(p: Path) -> str:
 
 
 def write_volume(volume: Volume, path: PathLike, dtype=None) -> Path:
-    """Write a Volume as NIfTI, NRRD or MHA (chosen by the suffix); returns the path."""
+    """Write a Volume as NIfTI, NRRD or MHA (chosen by the suffix); returns the path. NRRD and MHA keep its
+    ``modality`` and ``units`` in the header (:data:`FILE_META`), for :func:`read_volume`."""
     p = Path(path)
     if not any(p.name.lower().endswith(s) for s in _IMAGE_SUFFIXES):
         raise InputError(f"unsupported output format {p.name}; use .nii.gz, .nrrd or .mha")
     p.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(volume.to_sitk(dtype), str(p), useCompression=True)
+    img = volume.to_sitk(dtype)
+    for key in FILE_META:
+        if volume.meta.get(key):
+            img.SetMetaData(FILE_META_PREFIX + key, str(volume.meta[key]))
+    sitk.WriteImage(img, str(p), useCompression=True)
     return p
 
 
