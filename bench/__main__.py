@@ -93,7 +93,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("setup", help="install the peers from PyPI into bench/.venv").set_defaults(func=setup)
     r = sub.add_parser("run", help="run the suites and write the report")
-    r.add_argument("--suites", default="rt-phantom,real-anatomy,multimodal,large-offset")
+    r.add_argument("--suites", default="rt-phantom,real-anatomy,multimodal,large-offset,inter-subject")
     r.add_argument("--methods", default="", help="comma-separated method names (default: the default set; "
                    "--full: all)")
     r.add_argument("--cases", default="", help="comma-separated case names (default: all of the suites)")

@@ -313,7 +313,7 @@ METHODS: List[Method] = [
     Method("io-quiz", "rtreg io with QuizRigid pre-alignment", "rtreg", _rtreg("io", prealign="quiz"), ours=True,
            suites=("large-offset",)),
     Method("rtreg-rigid", "rtreg rigid pre-alignment alone", "rtreg", _rtreg_rigid, ours=True,
-           suites=("large-offset", "multimodal")),
+           suites=("large-offset", "multimodal", "inter-subject")),
     Method("ants-rigid", "ANTs rigid (MI)", "ants", _ants_linear("Rigid"), suites=("large-offset",)),
     Method("ants-affine", "ANTs affine (MI)", "ants", _ants_linear("Affine"), suites=("large-offset",)),
     Method("elastix-rigid", "elastix rigid", "itk", _elastix_rigid, suites=("large-offset",)),

@@ -1,13 +1,14 @@
 """Tables, time ratios and plots from the harness rows.
 
-Per suite: TRE pooled over every point of every case the method completed
+Per suite: TRE pooled over every point of every case the method completed (where the suite has points)
 (mean, median, 95th percentile, mm) and of the points within 20 mm of the target,
 the mean Dice and HD95 of the propagated
 structures, the mean absolute relative volume difference of the target
 (CTV or GTV), NCC/SSIM/MSE of the warped repeat image in the planning body (2 mm
 grid), the mean percentage of folded voxels (Jacobian <= 0 inside the
 body), the mean wall time per case and the largest peak memory. Time ratios
-put each of our methods beside each peer on the cases both completed.
+put each of our methods beside each peer on the cases both completed. The
+inter-subject suite, whose truth is organ contours, adds Dice per organ.
 """
 from __future__ import annotations
 
@@ -109,6 +110,27 @@ def offset_table(rows: List[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def structure_table(rows: List[Row]) -> str:
+    """Dice of each structure per method (mean over the cases that hold it), the mean over the organs (every
+    structure but BODY) and their mean HD95: the inter-subject suite's own figures, whose truth is contours."""
+    names = list(dict.fromkeys(n for r in rows if r.status == "ok" for n in r.structures))
+    organs = [n for n in names if n.upper() != "BODY"]
+    if not names:
+        return ""
+    head = ("| method | " + " | ".join(names) + " | organs: mean Dice | organs: mean HD95 |\n"
+            "|---|" + "---|" * (len(names) + 2) + "\n")
+    lines = []
+    for method in dict.fromkeys(r.method for r in rows):
+        ok = [r for r in rows if r.method == method and r.status == "ok"]
+        if not ok:
+            continue
+        cells = [_fmt(_mean(r.structures[n]["dice"] for r in ok if n in r.structures), ".3f") for n in names]
+        dice = _mean(r.structures[n]["dice"] for r in ok for n in organs if n in r.structures)
+        hd95 = _mean(r.structures[n].get("hd95_mm") for r in ok for n in organs if n in r.structures)
+        lines.append(f"| {_label(method)} | " + " | ".join(cells) + f" | {_fmt(dice, '.3f')} | {_fmt(hd95)} mm |")
+    return head + "\n".join(lines) + "\n"
+
+
 def ratio_table(rows: List[Row]) -> str:
     """Our time / peer time, on the cases both completed (below 1: ours is faster)."""
     methods = by_name()
@@ -184,6 +206,9 @@ def write_report(rows: List[Row], folder: Path, command: str, machine: Dict, ela
         if suite == "large-offset":
             parts.append("\nRigid alignment figures (translation error: the mean mapped point's distance from the "
                          "mean true point):\n\n" + offset_table(mine))
+        if suite == "inter-subject":
+            parts.append("\nDice per structure (mean over the cases; the organs are TotalSegmentator's labels of "
+                         "each subject):\n\n" + structure_table(mine))
         ratios = ratio_table(mine)
         if ratios:
             parts.append("\nTime ratios (ours / peer, same cases, same run; below 1: ours is faster):\n\n" + ratios)

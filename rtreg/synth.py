@@ -49,8 +49,8 @@ class SyntheticCase:
     repeat_structures: List[Structure]
     dose: Optional[Volume]
     plan: Optional[PlanSummary]
-    truth: SpatialTransform
-    points_planning: np.ndarray
+    truth: Optional[SpatialTransform]   # None for a real pair whose only truth is its repeat-image contours
+    points_planning: np.ndarray         # (N, 3) LPS mm; N = 0 without a point truth
     points_repeat: np.ndarray
     notes: Dict[str, float] = field(default_factory=dict)
 
@@ -518,9 +518,11 @@ def write_case(case: SyntheticCase, folder: PathLike) -> Path:
         write_volume(case.dose, out / "dose.nii.gz", np.float32)
     if case.plan is not None:
         (out / "plan.txt").write_text(case.plan.text() + "\n")
-    write_transform(case.truth, out / "truth_transform.h5")
-    np.savetxt(out / "points_planning.csv", case.points_planning, delimiter=",", fmt="%.4f",
-               header="x,y,z (LPS mm, planning CT)")
-    np.savetxt(out / "points_repeat_truth.csv", case.points_repeat, delimiter=",", fmt="%.4f",
-               header="x,y,z (LPS mm, repeat CT)")
+    if case.truth is not None:
+        write_transform(case.truth, out / "truth_transform.h5")
+    if len(case.points_planning):
+        np.savetxt(out / "points_planning.csv", case.points_planning, delimiter=",", fmt="%.4f",
+                   header="x,y,z (LPS mm, planning CT)")
+        np.savetxt(out / "points_repeat_truth.csv", case.points_repeat, delimiter=",", fmt="%.4f",
+                   header="x,y,z (LPS mm, repeat CT)")
     return out
