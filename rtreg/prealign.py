@@ -18,6 +18,7 @@ from .spatial import sample_at_index, to_tensor, world_to_index_torch
 
 KINDS = ("none", "com", "moments", "rigid", "affine", "quiz")
 OVERLAP_MARGIN_MM = 4.0    # after the first level: samples mapped at least this far inside the moving image
+MOVING_SAMPLES = 20_000    # moving-mask samples that say how much of the moving body the fixed image still sees
 
 
 def center_of_mass(volume: Volume, mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -122,8 +123,10 @@ class _Samples:
     (the interpolation artefact), which biased the optimum by up to 1 mm on the benchmark's 3 mm images."""
 
     def __init__(self, f_norm: Volume, m_norm: Volume, fixed_mask: Optional[np.ndarray], spacing_mm: float,
-                 gen: torch.Generator, max_points: int, device: torch.device, off_grid: bool = False):
+                 gen: torch.Generator, max_points: int, device: torch.device, off_grid: bool = False,
+                 moving_mask: Optional[np.ndarray] = None):
         fg = f_norm.grid.with_spacing(spacing_mm)
+        self.fg, self.f_size = fg, torch.tensor(fg.size_xyz, dtype=torch.float32, device=device)
         f_lvl = resample(smooth_for_downsampling(f_norm, spacing_mm), fg)
         mk = (resample(f_norm.with_array(fixed_mask), fg, "mask").array > 0 if fixed_mask is not None
               else np.ones(fg.shape, bool))
@@ -143,6 +146,15 @@ class _Samples:
         self.mg = m_norm.grid.with_spacing(spacing_mm)
         self.m_t = to_tensor(resample(smooth_for_downsampling(m_norm, spacing_mm), self.mg).array, device)
         self.size = torch.tensor(self.mg.size_xyz, dtype=torch.float32, device=device)
+        self.m_pts = None
+        if moving_mask is not None:
+            m_idx = np.argwhere(resample(m_norm.with_array(moving_mask), self.mg, "mask").array > 0)
+            if len(m_idx) > MOVING_SAMPLES:     # a generator of their own: the fixed samples stay as they were
+                own = torch.Generator().manual_seed(gen.initial_seed())
+                m_idx = m_idx[np.sort(torch.randperm(len(m_idx), generator=own)[:MOVING_SAMPLES].numpy())]
+            if len(m_idx):
+                self.m_pts = torch.as_tensor(self.mg.index_to_world(m_idx[:, ::-1].astype(np.float64)),
+                                             dtype=torch.float32, device=device)
 
     def moving_index(self, m_total: torch.Tensor, t_total: torch.Tensor) -> torch.Tensor:
         """(N, 3) continuous (i, j, k) indices in the moving level grid of the samples mapped by the matrix."""
@@ -160,6 +172,24 @@ class _Samples:
             keep = ((idx > margin - 0.5) & (idx < self.size - 0.5 - margin)).all(-1)
         if int(keep.sum()) >= min_points:
             self.pts, self.vals = self.pts[keep], self.vals[keep]
+
+    def moving_seen(self, m_total: torch.Tensor, t_total: torch.Tensor) -> torch.Tensor:
+        """Soft fraction (0-1, differentiable) of the moving-mask samples that the inverse of the matrix maps
+        inside the fixed image; 1 without a moving mask.
+
+        The similarity is computed on the fixed samples that land inside the moving image, so a pose that
+        pushes part of the moving body out of the fixed image's view can score higher on the band that
+        remains: a rigid fit of a 40 mm slab tilted it by 25 degrees. Where the repeat image is the cropped
+        one (a CBCT, a shorter scan), its body stays in the fixed view at the true pose, so this fraction
+        does not favour a larger overlap there."""
+        if self.m_pts is None:
+            return torch.ones((), device=self.f_size.device)
+        back = (self.m_pts - t_total) @ torch.linalg.inv(m_total).T
+        idx = world_to_index_torch(back, self.fg)
+        # 1 inside and up to one voxel beyond the image's edge, 0 from two voxels beyond: no pull on a body
+        # that reaches the edge of the view, as a CT's body does at its first and last slices
+        soft = torch.sigmoid(4.0 * (idx + 1.5)) * torch.sigmoid(4.0 * (self.f_size + 0.5 - idx))
+        return soft.prod(-1).mean()
 
     def similarity(self, m_total: torch.Tensor, t_total: torch.Tensor, similarity: str, gen: torch.Generator):
         """(similarity, fraction of the fixed samples that land inside the moving image)."""
@@ -226,7 +256,10 @@ def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str =
     Parameters act about the fixed mask's centre: A(x) = M (x - c) + c + t, with
     M = I (translation), R (rigid) or R (I + L) (affine). Each level (spacing in mm) takes up to
     ``max_points`` random voxels of the fixed mask as samples and runs Adam on them; samples that fall
-    outside the moving image do not count.
+    outside the moving image do not count, and the part of the moving mask that the pose takes out of the
+    fixed image's view costs its share of the similarity (:meth:`_Samples.moving_seen`; a 40 mm slab was
+    tilted 25 degrees without it, 8 with it, and the rigid TRE of the benchmark's other cases moved by
+    -0.3 to +0.1 mm).
 
     ``precise`` (QuizRigid's refinement, whose start is already close): samples off the grid, rates that decay
     over each level, and after the first level (which keeps the capture range of a changing overlap) only
@@ -257,7 +290,8 @@ def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str =
     steps_total = sum(iterations)
     done = 0
     for level, (sp, n_it) in enumerate(zip(levels_mm, iterations)):
-        samples = _Samples(f_norm, m_norm, fixed_mask, sp, gen, max_points, device, off_grid=precise)
+        samples = _Samples(f_norm, m_norm, fixed_mask, sp, gen, max_points, device, off_grid=precise,
+                           moving_mask=None if precise else moving_mask)
         if precise and level > 0:   # the first level keeps its capture range: samples may enter the overlap
             with torch.no_grad():
                 samples.keep_overlap(*matrix(), margin_mm=OVERLAP_MARGIN_MM)
@@ -269,7 +303,10 @@ def optimise_linear(fixed: Volume, moving: Volume, init: np.ndarray, kind: str =
         adam = _Adam([p for p, _ in groups])
         for it in range(n_it):
             sim, _ = samples.similarity(*matrix(), similarity, gen)
-            grads = torch.autograd.grad(-sim, [p for p, _ in groups])
+            # the moving body lost from the fixed view costs its share of the similarity (sign-safe for NCC);
+            # the precise schedule holds its samples to the overlap instead (keep_overlap)
+            objective = sim - sim.detach().abs() * (1.0 - samples.moving_seen(*matrix()))
+            grads = torch.autograd.grad(-objective, [p for p, _ in groups])
             # cosine decay to a twentieth of each rate over the level: long first steps, fine last ones
             decay = 0.05 + 0.475 * (1 + np.cos(np.pi * it / max(n_it - 1, 1))) if precise else 1.0
             adam.step(grads, [lr * decay for _, lr in groups])
