@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -52,7 +52,7 @@ class SyntheticCase:
     truth: Optional[SpatialTransform]   # None for a real pair whose only truth is its repeat-image contours
     points_planning: np.ndarray         # (N, 3) LPS mm; N = 0 without a point truth
     points_repeat: np.ndarray
-    notes: Dict[str, float] = field(default_factory=dict)
+    notes: Dict[str, Any] = field(default_factory=dict)    # figures of how the case was made (JSON-able)
 
     def structure(self, name: str, repeat: bool = False) -> Structure:
         for s in (self.repeat_structures if repeat else self.planning_structures):
