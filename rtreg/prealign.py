@@ -149,6 +149,7 @@ class _Samples:
         self.m_t = to_tensor(resample(smooth_for_downsampling(m_norm, spacing_mm), self.mg).array, device)
         self.size = torch.tensor(self.mg.size_xyz, dtype=torch.float32, device=device)
         self.m_pts = None
+        self.seen_axes = torch.ones(3, dtype=torch.bool, device=device)   # fixed axes whose view counts
         if moving_mask is not None:
             m_idx = np.argwhere(resample(m_norm.with_array(moving_mask), self.mg, "mask").array > 0)
             if len(m_idx) > MOVING_SAMPLES:     # a generator of their own: the fixed samples stay as they were
