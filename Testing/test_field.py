@@ -3,8 +3,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from conftest import oblique_grid, smooth_field, smooth_image
-from rtreg.field import (SpatialTransform, affine_to_sitk, compose, invert, jacobian_determinant, read_transform,
-                         resample_field, warp, write_field, write_transform)
+from rtreg.field import (SpatialTransform, affine_to_sitk, compose, displacement_at, field_to_sitk_transform, invert,
+                         jacobian_determinant, read_transform, resample_field, warp, write_field, write_transform)
 from rtreg.image import Grid, Volume, read_volume, resample
 from rtreg.synth import rigid_matrix
 
@@ -70,6 +70,26 @@ def test_inverse_round_trip_and_residual():
     inner_pts = grid.world_points()[6:14, 6:14, 6:14].reshape(-1, 3)
     back = inv.transform.transform_points(t.transform_points(inner_pts))
     assert np.abs(back - inner_pts).max() < 0.2
+
+
+def test_the_inverse_samples_a_field_as_itk_does_inside_at_the_border_and_outside():
+    """The inverse's point sampler equals ITK's DisplacementFieldTransform (what ``transform.h5`` holds) at
+    random points inside the oblique field, within half a voxel of its border and beyond it."""
+    grid = oblique_grid(shape=(12, 14, 16), spacing=(1.3, 0.9, 2.1))
+    field = smooth_field(grid, 3.0, seed=4)
+    rng = np.random.default_rng(0)
+    size = np.array(grid.size_xyz, dtype=float)
+    ijk = rng.uniform(-0.5, 1.5, (4000, 3)) * size - 0.5     # the grid, and half its size beyond every side
+    ijk = np.concatenate([ijk, [[-0.49, 3, 3], [-0.51, 3, 3], [grid.size_xyz[0] - 0.51, 3, 3],
+                                [grid.size_xyz[0] - 0.49, 3, 3]]])
+    points = grid.index_to_world(ijk)
+    tx = field_to_sitk_transform(field)
+    expected = np.array([tx.TransformPoint(tuple(p)) for p in points]) - points
+    got = displacement_at(field)(points)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (np.abs(got).sum(1) == 0).sum() > 500 and (np.abs(got).sum(1) > 0).sum() > 500   # both regions drawn
+    assert np.abs(got[-4]).sum() > 0 and np.abs(got[-3]).sum() == 0 and np.abs(got[-2]).sum() > 0 \
+        and np.abs(got[-1]).sum() == 0
 
 
 def test_jacobian_of_affine_field_is_its_determinant():

@@ -8,16 +8,19 @@ FromParent, and exactly what ``transform.h5`` holds: an ITK composite transform
 ``[affine, displacement]`` (ITK applies the last added first).
 
 Everything here goes through SimpleITK, so what we compute equals what
-``sitk.ReadTransform`` + ``sitk.Resample`` compute from our files.
+``sitk.ReadTransform`` + ``sitk.Resample`` compute from our files; the one
+exception, the inverse's point-wise sampling of a field (only the points still
+iterating), reproduces ITK's evaluation and is tested against it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import InputError
 from .image import Grid, PathLike, Volume, resample
@@ -163,45 +166,67 @@ class InverseResult:
     iterations: int
 
 
+def displacement_at(field: Volume) -> Callable[[np.ndarray], np.ndarray]:
+    """A function giving ``field``'s displacement (LPS mm) at (N, 3) LPS mm points, as ITK's
+    DisplacementFieldTransform evaluates it (and so ``sitk.Resample`` with our ``transform.h5``): trilinear,
+    the border value up to half a voxel beyond the outer voxel centres, zero farther out."""
+    _check_field(field)
+    components = [np.ascontiguousarray(field.array[..., c]) for c in range(3)]
+    end = np.array(field.grid.size_xyz, dtype=np.float64) - 0.5
+
+    def at(points: np.ndarray) -> np.ndarray:
+        ijk = field.grid.world_to_index(points)
+        zyx = ijk[:, ::-1].T
+        u = np.stack([ndimage.map_coordinates(c, zyx, order=1, mode="nearest", output=np.float64)
+                      for c in components], axis=-1)
+        u[~np.all((ijk >= -0.5) & (ijk < end), axis=1)] = 0.0
+        return u
+
+    return at
+
+
 def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolerance_mm: float = 0.01,
            max_spacing_mm: Optional[float] = 2.0) -> InverseResult:
     """Invert ``transform`` on ``grid`` (normally the moving grid) by fixed-point iterations.
 
-    For each point y of the (possibly coarsened) grid it finds x with
-    ``A(x + u(x)) = y`` by iterating x <- A^-1 y - u(x). The residual
-    |x + u(x) - A^-1 y| is reported in mm (mean and max over the points whose
-    pre-image lies at least one voxel inside the field's grid). The
-    inverse is computed on ``grid`` coarsened to at most ``max_spacing_mm``
-    (None: full resolution); it is a smooth field and is interpolated linearly.
+    For each point y of the (possibly coarsened) grid it finds x with ``A(x + u(x)) = y`` by iterating
+    x <- A^-1 y - u(x), point by point: a point stops once its residual |x + u(x) - A^-1 y| is below
+    ``tolerance_mm``; the others go on up to ``iterations`` and keep the iterate of smallest residual.
+    The residual is reported in mm, mean and max over the points whose iterates all lay at least one voxel
+    inside the field's grid: at its border u drops to zero (as in ITK), and a point whose iterates cross it
+    may have no pre-image at all (it keeps its best iterate, unjudged). The inverse is computed on ``grid``
+    coarsened to at most ``max_spacing_mm`` (None: full resolution); it is a smooth field and is
+    interpolated linearly.
     """
     a_inv = np.linalg.inv(transform.affine)
     if transform.displacement is None:
         return InverseResult(SpatialTransform(a_inv, None), 0.0, 0.0, 0)
     work = grid.with_spacing(max_spacing_mm) if max_spacing_mm else grid
-    y = work.world_points()
+    y = work.world_points().reshape(-1, 3)
     z = y @ a_inv[:3, :3].T + a_inv[:3, 3]
-    u_img = transform.displacement.to_sitk(np.float64)
-    ref = work.to_sitk_reference()
-    v = (z - y)  # x0 = z
+    u_at = displacement_at(transform.displacement)
+    x, best = z.copy(), z.copy()              # the current iterate and the best pre-image found so far
+    residual = np.full(len(z), np.inf)        # the residual of ``best``
     u_grid = transform.displacement.grid
     upper = np.array(u_grid.size_xyz) - 2
-    res_mean = res_max = float("inf")
+    judged = np.ones(len(z), bool)            # every iterate at least one voxel inside the field's grid
+    active = np.arange(len(z))
     it = 0
     for it in range(1, iterations + 1):
-        v_img = sitk.GetImageFromArray(v, isVector=True)
-        v_img.CopyInformation(ref)
-        u_at_x = sitk.GetArrayFromImage(sitk.Resample(u_img, ref, sitk.DisplacementFieldTransform(v_img),
-                                                      sitk.sitkLinear, 0.0))
-        x = y + v
-        # judged where the pre-image lies inside the field's grid (u jumps to 0 at its border, as in ITK)
-        x_idx = u_grid.world_to_index(x.reshape(-1, 3)).reshape(x.shape)
-        inside = np.all((x_idx >= 1) & (x_idx <= upper), axis=-1)
-        r = np.linalg.norm(x + u_at_x - z, axis=-1)[inside]
-        res_mean, res_max = (float(r.mean()), float(r.max())) if r.size else (0.0, 0.0)
-        v = z - u_at_x - y
-        if res_max < tolerance_mm:
+        xa = x[active]
+        ijk = u_grid.world_to_index(xa)
+        judged[active[~np.all((ijk >= 1) & (ijk <= upper), axis=1)]] = False
+        u = u_at(xa)
+        r = np.linalg.norm(xa + u - z[active], axis=1)
+        better = r < residual[active]
+        best[active[better]], residual[active[better]] = xa[better], r[better]
+        x[active] = z[active] - u
+        active = active[r >= tolerance_mm]
+        if not active.size:
             break
-    field = Volume(v.astype(np.float32), work.affine.copy(), {"units": "mm"})
+    r = residual[judged]
+    res_mean, res_max = (float(r.mean()), float(r.max())) if r.size else (0.0, 0.0)
+    field = Volume((best - y).reshape(work.shape + (3,)).astype(np.float32), work.affine.copy(), {"units": "mm"})
     return InverseResult(SpatialTransform(np.eye(4), field), res_mean, res_max, it)
 
 
