@@ -93,3 +93,15 @@ def test_jacobian_stats_counts_folding():
     s = jacobian_stats(Volume(j, Grid.from_geometry(j.shape, (1, 1, 1)).affine))
     assert s["percent_nonpositive_jacobian"] == pytest.approx(100 * 2 / 64)
     assert s["jacobian_min"] == -0.5
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_box_filter_is_the_edge_replicated_moving_average(size):
+    from scipy import ndimage
+    from rtreg.spatial import box_filter
+    x = torch.randn(1, 2, 7, 9, 11, dtype=torch.float64)
+    expected = np.stack([ndimage.uniform_filter(x[0, c].numpy(), size, mode="nearest") for c in range(2)])[None]
+    np.testing.assert_allclose(box_filter(x, size).numpy(), expected, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: box_filter(t, size), x[:, :1, :4, :5, :6].clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="odd"):
+        box_filter(x, 4)
