@@ -4,8 +4,9 @@
   packages (rtreg, torch) and adds the peers from PyPI, pinned, with torch held
   at the installed version.
 * ``run``: build the cases, run every method on them, print and write the
-  tables and plots (``--full`` for every case; the default subset runs in under
-  30 minutes on 2 cores). ``--update-readme`` puts the tables into
+  tables and plots (``--full`` for every case; the default subset, five suites
+  with every default method, takes over an hour on 2 cores: ``--suites`` picks
+  a part). ``--update-readme`` puts the tables into
   ``bench/README.md``.
 * ``report``: re-render the report from the saved rows.
 """
