@@ -170,14 +170,18 @@ def displacement_at(field: Volume) -> Callable[[np.ndarray], np.ndarray]:
     """A function giving ``field``'s displacement (LPS mm) at (N, 3) LPS mm points, as ITK's
     DisplacementFieldTransform evaluates it (and so ``sitk.Resample`` with our ``transform.h5``): trilinear,
     the border value up to half a voxel beyond the outer voxel centres, zero farther out."""
+    at_index = _displacement_at_index(field)
+    return lambda points: at_index(field.grid.world_to_index(points))
+
+
+def _displacement_at_index(field: Volume) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`displacement_at` taking (N, 3) continuous indices (i, j, k) of the field's grid."""
     _check_field(field)
     components = [np.ascontiguousarray(field.array[..., c]) for c in range(3)]
     end = np.array(field.grid.size_xyz, dtype=np.float64) - 0.5
 
-    def at(points: np.ndarray) -> np.ndarray:
-        ijk = field.grid.world_to_index(points)
-        zyx = ijk[:, ::-1].T
-        u = np.stack([ndimage.map_coordinates(c, zyx, order=1, mode="nearest", output=np.float64)
+    def at(ijk: np.ndarray) -> np.ndarray:
+        u = np.stack([ndimage.map_coordinates(c, ijk[:, ::-1].T, order=1, mode="nearest", output=np.float64)
                       for c in components], axis=-1)
         u[~np.all((ijk >= -0.5) & (ijk < end), axis=1)] = 0.0
         return u
@@ -204,7 +208,7 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
     work = grid.with_spacing(max_spacing_mm) if max_spacing_mm else grid
     y = work.world_points().reshape(-1, 3)
     z = y @ a_inv[:3, :3].T + a_inv[:3, 3]
-    u_at = displacement_at(transform.displacement)
+    u_at = _displacement_at_index(transform.displacement)
     x, best = z.copy(), z.copy()              # the current iterate and the best pre-image found so far
     residual = np.full(len(z), np.inf)        # the residual of ``best``
     u_grid = transform.displacement.grid
@@ -216,7 +220,7 @@ def invert(transform: SpatialTransform, grid: Grid, iterations: int = 40, tolera
         xa = x[active]
         ijk = u_grid.world_to_index(xa)
         judged[active[~np.all((ijk >= 1) & (ijk <= upper), axis=1)]] = False
-        u = u_at(xa)
+        u = u_at(ijk)
         r = np.linalg.norm(xa + u - z[active], axis=1)
         better = r < residual[active]
         best[active[better]], residual[active[better]] = xa[better], r[better]
