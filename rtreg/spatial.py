@@ -106,8 +106,9 @@ def resize_field(u: torch.Tensor, shape_zyx) -> torch.Tensor:
 def box_filter(x: torch.Tensor, size: int) -> torch.Tensor:
     """Separable moving average over ``size``^3 voxels (odd ``size``), edge-replicated, same shape.
 
-    Each axis is summed as ``size`` shifted views: whole-array additions, 1.4 to 9 times faster forward and
-    backward on CPU than ``avg_pool3d`` with a one-axis kernel, as exact (float32)."""
+    Each axis is summed as ``size`` shifted views: whole-array additions, 1.6 to 5 times faster forward and
+    backward on 2 CPU threads than ``avg_pool3d`` with a one-axis kernel, as exact in float32
+    (``bench/inverse_and_box_speed.py``)."""
     if size < 1 or size % 2 == 0:
         raise ValueError(f"box_filter needs an odd size, not {size}")
     pad = size // 2
