@@ -67,6 +67,26 @@ def test_networks_have_the_papers_layout_and_start_at_the_identity():
         student(torch.rand(1, 1, 20, 32, 32), torch.rand(1, 1, 20, 32, 32))
 
 
+def test_the_cpu_layout_changes_neither_the_field_nor_its_gradients():
+    """``on_device`` puts the weights in the channels-last layout on a CPU (for speed): the shipped student's
+    field and its weight gradients are the default layout's up to float32 rounding."""
+    pair = label_map_pair((32, 32, 32), torch.Generator().manual_seed(3), torch.device("cpu"))
+    fixed, moving = pair["fixed"], pair["moving"]
+    results = []
+    for layout in ("default", "channels-last"):
+        net = tto.load_network("student", torch.device("cpu"))
+        if layout == "default":
+            net = net.to(memory_format=torch.contiguous_format)
+        assert net.head.weight.is_contiguous() == (layout == "default")
+        u = net(fixed, moving)
+        (u * torch.linspace(-1, 1, u.numel()).view_as(u)).sum().backward()
+        results.append((u.detach().contiguous(), net.down[0][0].weight.grad.contiguous()))
+    (u_a, g_a), (u_b, g_b) = results
+    assert u_a.abs().max() > 1e-3                      # the field is not trivially zero
+    assert torch.allclose(u_a, u_b, rtol=1e-4, atol=1e-6 * float(u_a.abs().max()))
+    assert torch.allclose(g_a, g_b, rtol=1e-3, atol=1e-5 * float(g_a.abs().max()))
+
+
 def test_test_time_optimisation_stops_at_its_iterations_or_its_time_budget():
     net = build(STUDENT)
     g = torch.Generator().manual_seed(1)

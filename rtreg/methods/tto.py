@@ -43,7 +43,7 @@ from ..memory import check_memory
 from ..metrics import patch_mi_map
 from ..models import load_weights
 from ..netgrid import edge_taper, network_images, spacing_for_budget, working_grid
-from ..nets.tto import RegUNet, build
+from ..nets.tto import RegUNet, build, on_device
 from ..prealign import prealign
 from ..spatial import field_to_array, to_tensor, voxels_to_mm, warp_voxels
 from . import io
@@ -75,7 +75,7 @@ def load_network(role: str, device: torch.device) -> RegUNet:
     state, config = _weights(role)
     net = build(config)
     net.load_state_dict(copy.deepcopy(state))
-    return net.to(device)
+    return on_device(net, device)
 
 
 def check_budget(options: RegisterOptions) -> Tuple[int, float]:
