@@ -2,6 +2,7 @@
 patch-wise MI map, registration with the shipped student, 4D series, training and bad input."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -99,6 +100,25 @@ def test_test_time_optimisation_stops_at_its_iterations_or_its_time_budget():
     qa = tto.adapt(net, pair["fixed"], pair["moving"], mask, True, 100_000, 1.0)
     assert qa["stopped_by"] == "time budget" and 0 < qa["iterations"] < 100_000
     assert time.perf_counter() - t0 < 1.0 + 2.0              # the last iteration may finish after the budget
+
+
+def test_the_adapted_weights_are_the_running_average_of_the_iterates():
+    cpu = torch.device("cpu")
+    pair = label_map_pair((16, 32, 32), torch.Generator().manual_seed(2), cpu, same_contrast=True)
+    mask = torch.ones_like(pair["fixed"])
+    start = tto.load_network("student", cpu)
+    last, averaged = copy.deepcopy(start), copy.deepcopy(start)
+    tto.adapt(last, pair["fixed"], pair["moving"], mask, True, 1, 1e9, weight_averaging=0.0)
+    qa = tto.adapt(averaged, pair["fixed"], pair["moving"], mask, True, 1, 1e9)
+    assert qa["weight_averaging"] == tto.WEIGHT_AVERAGING == 0.9
+    moved = 0.0
+    with torch.no_grad():
+        for p0, p1, p_avg in zip(start.parameters(), last.parameters(), averaged.parameters()):
+            moved = max(moved, float((p1 - p0).abs().max()))
+            assert torch.allclose(p_avg, 0.9 * p0 + 0.1 * p1, atol=1e-8)
+    assert moved > 1e-4                                      # the step did change the weights
+    with pytest.raises(InputError, match="weight_averaging"):
+        tto.adapt(last, pair["fixed"], pair["moving"], mask, True, 1, 1e9, weight_averaging=1.0)
 
 
 def test_a_budget_of_zero_is_bad_input():

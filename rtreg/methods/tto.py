@@ -11,7 +11,9 @@
    multi-axis mutual information + local NCC (only when the modalities match, or when asked) + diffusion
    smoothness + a divergence penalty (near-incompressibility), inside the fixed body where the pre-aligned
    moving image has data (not over the fill beyond a cropped field of view). It stops at
-   ``options.iterations`` (default 100) or ``options.time_budget_s`` (default 60 s), whichever comes first.
+   ``options.iterations`` (default 100) or ``options.time_budget_s`` (default 60 s), whichever comes first,
+   and keeps the running average of the weights over about its last 10 iterations (:data:`WEIGHT_AVERAGING`),
+   so that where the budget cuts does not decide the result.
 4. The field (tapered to zero at the working grid's faces) is returned on the fixed grid at full resolution.
 
 QA: the patch-wise MI map (16-voxel cubes, stride 4, centres inside the fixed body, on a 3 mm grid) before
@@ -19,13 +21,15 @@ registration and after, with their means before, after the pre-alignment and aft
 (``RegistrationResult.maps`` and ``qa``).
 
 ``options.extra``: ``network`` ("student" or "teacher"), ``adapt`` (False: the network's prediction only),
-``max_voxels`` (the working-grid budget), ``learning_rate`` (of the test-time Adam). :func:`register_with` registers with a network the caller holds,
+``max_voxels`` (the working-grid budget), ``learning_rate`` (of the test-time Adam), ``weight_averaging``
+(the decay of the running average of the weights that is returned; 0: the last iterate; see :func:`adapt`). :func:`register_with` registers with a network the caller holds,
 so a 4D series (:mod:`rtreg.series`) carries the adapted weights from frame to frame.
 """
 from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Tuple
 
@@ -37,7 +41,7 @@ from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResu
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
 from ..field import SpatialTransform, moving_coverage, resample_field, warp
-from ..image import Volume, resample, smooth_for_downsampling
+from ..image import Grid, Volume, resample, smooth_for_downsampling
 from ..losses import diffusion, divergence_penalty, multi_axis_mi, ncc_local
 from ..memory import check_memory
 from ..metrics import patch_mi_map
@@ -57,6 +61,7 @@ MAX_VOXELS = {"cpu": 48 * 48 * 64, "cuda": 128 * 128 * 128}
 LEARNING_RATE = 1e-3             # Adam on the network weights; 3e-3 diverges on the pelvis phantom
 SMOOTH_WEIGHT = 1.0            # diffusion of the field in voxels of the working grid
 DIVERGENCE_WEIGHT = 0.1
+WEIGHT_AVERAGING = 0.9         # the returned weights: their running average over about the last 10 iterations
 TAPER_MM = 12.0
 QA_SPACING_MM = 3.0            # the patch-wise MI maps' grid (or the working grid's spacing, if finer)
 SIMILARITIES = ("auto", "mi", "ncc")   # ncc: multi-axis MI + local NCC; mi: MI alone; auto: NCC if one modality
@@ -91,10 +96,21 @@ def check_budget(options: RegisterOptions) -> Tuple[int, float]:
 
 def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, use_ncc: bool,
           iterations: int, seconds: float, smooth_weight: float = SMOOTH_WEIGHT,
-          learning_rate: float = LEARNING_RATE, progress: Progress = no_progress) -> Dict[str, object]:
+          learning_rate: float = LEARNING_RATE, weight_averaging: float = WEIGHT_AVERAGING,
+          progress: Progress = no_progress) -> Dict[str, object]:
     """Optimise ``net``'s weights in place on one pair (fixed, moving: (1, 1, z, y, x) in [0, 1] on the working
-    grid; mask (1, 1, z, y, x)); stops at ``iterations`` or ``seconds``. Returns what happened (QA)."""
+    grid; mask (1, 1, z, y, x)); stops at ``iterations`` or ``seconds``. Returns what happened (QA).
+
+    ``net`` ends with the exponential moving average of its weights over the iterations (each step moves the
+    average by 1 - ``weight_averaging`` towards the new weights; 0 keeps the last iterate). Adam at this
+    learning rate makes the last iterate's field swing by up to 0.4 mm TRE from one 10 iterations to the next
+    on the phantoms, so where a time budget cuts would decide the result; the average does not swing
+    (``python3 bench/tto_weight_averaging.py``)."""
+    if not 0.0 <= weight_averaging < 1.0:
+        raise InputError(f"weight_averaging is {weight_averaging:g}; it must be in [0, 1)")
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    params = list(net.parameters())
+    averaged = [p.detach().clone() for p in params]
     net.train()
     start = time.perf_counter()
     qa: Dict[str, object] = {"iterations": 0, "stopped_by": "iterations", "loss": []}
@@ -112,13 +128,76 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
             loss = loss - ncc_local(fixed, warped, 5, mask)
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            for avg, p in zip(averaged, params):
+                avg.lerp_(p, 1.0 - weight_averaging)
         qa["iterations"] = it + 1
         if it == 0 or (it + 1) % 10 == 0:
             qa["loss"].append(round(float(loss.detach()), 5))
         progress((it + 1) / iterations, f"test-time optimisation {it + 1}/{iterations}: MI {float(mi.detach()):.4f}")
+    with torch.no_grad():
+        for avg, p in zip(averaged, params):
+            p.copy_(avg)
     qa["seconds"] = time.perf_counter() - start
+    qa["weight_averaging"] = weight_averaging
     net.eval()
     return qa
+
+
+@dataclass
+class WorkingPair:
+    """A pair on TTORegister's working grid: ``fixed``, ``moving`` (the moving image through the
+    pre-alignment ``affine``, fixed -> moving LPS) and ``mask`` as (1, 1, z, y, x) tensors; the images
+    normalised to [0, 1] on their own grids and the fixed body mask, for the QA maps; ``prealign_s``: the
+    seconds the pre-alignment took."""
+
+    grid: Grid
+    affine: np.ndarray
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    mask: torch.Tensor
+    use_ncc: bool
+    f_norm: Volume
+    m_norm: Volume
+    fixed_mask: np.ndarray
+    prealign_s: float
+
+
+def working_pair(case: RegistrationCase, options: RegisterOptions, device: torch.device, messages: List[str],
+                 progress: Progress = no_progress) -> WorkingPair:
+    """Steps 1-2 of the module docstring: the pre-alignment and the pair on the working grid."""
+    use_ncc = io.prealign_similarity(case, options.similarity) == "ncc"    # NCC only within one modality
+    fixed_mask, moving_mask = io.registration_masks(case)
+    if fixed_mask.all():
+        messages.append("no body found on the fixed image; similarity counts everywhere")
+    budget = int(options.extra.get("max_voxels", MAX_VOXELS.get(device.type, MAX_VOXELS["cpu"])))
+    spacing = spacing_for_budget(case.fixed.grid, budget, options.working_spacing_mm, fixed_mask)
+    check_memory(case.fixed.grid, spacing, device, channels=16)
+    grid = working_grid(case.fixed.grid, spacing, region=fixed_mask)
+    progress(0.0, f"pre-alignment ({options.prealign})")
+    t0 = time.perf_counter()
+    affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask, "ncc" if use_ncc else "mi",
+                      device, options.seed, lambda f, m: progress(0.15 * f, m))
+    prealign_s = time.perf_counter() - t0
+    f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
+    f_img, m_img = network_images(f_norm, m_norm, affine, grid)
+    body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
+    mask = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2) * to_tensor(
+        moving_coverage(case.moving.grid, affine, grid), device)      # the similarity counts where both have data
+    return WorkingPair(grid, affine, to_tensor(f_img, device), to_tensor(m_img, device), mask, use_ncc,
+                       f_norm, m_norm, fixed_mask, prealign_s)
+
+
+def network_transform(net: RegUNet, pair: WorkingPair, fixed_grid: Grid) -> SpatialTransform:
+    """``net``'s field on ``pair`` (tapered to zero at the working grid's faces, LPS mm) at full resolution on
+    ``fixed_grid``, after the pre-alignment: the fixed -> moving transform."""
+    spacing = float(pair.grid.spacing[0])
+    with torch.no_grad():
+        net.eval()
+        u_mm = voxels_to_mm(net(pair.fixed, pair.moving), pair.grid) * to_tensor(
+            edge_taper(pair.grid.shape, TAPER_MM / spacing), pair.fixed.device)
+    field = Volume(field_to_array(u_mm), pair.grid.affine.copy(), {"units": "mm"})
+    return SpatialTransform(pair.affine, resample_field(field, fixed_grid))
 
 
 def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions,
@@ -132,52 +211,33 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     iterations, seconds = check_budget(options) if do_adapt else (0, 0.0)
     if options.similarity not in SIMILARITIES:
         raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
-    use_ncc = io.prealign_similarity(case, options.similarity) == "ncc"    # NCC only within one modality
     messages: List[str] = []
-    fixed_mask, moving_mask = io.registration_masks(case)
-    if fixed_mask.all():
-        messages.append("no body found on the fixed image; similarity counts everywhere")
-    budget = int(options.extra.get("max_voxels", MAX_VOXELS.get(device.type, MAX_VOXELS["cpu"])))
-    spacing = spacing_for_budget(case.fixed.grid, budget, options.working_spacing_mm, fixed_mask)
-    check_memory(case.fixed.grid, spacing, device, channels=16)
-    grid = working_grid(case.fixed.grid, spacing, region=fixed_mask)
-
-    progress(0.0, f"pre-alignment ({options.prealign})")
-    affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask, "ncc" if use_ncc else "mi",
-                      device, options.seed, lambda f, m: progress(0.15 * f, m))
-    t_pre = time.perf_counter()
-    f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
-    f_img, m_img = network_images(f_norm, m_norm, affine, grid)
-    body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
-    f_t, m_t = to_tensor(f_img, device), to_tensor(m_img, device)
-    mask_t = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2) * to_tensor(
-        moving_coverage(case.moving.grid, affine, grid), device)      # the similarity counts where both have data
+    pair = working_pair(case, options, device, messages, progress)
     t_in = time.perf_counter()
+    grid, spacing = pair.grid, float(pair.grid.spacing[0])
     qa: Dict[str, object] = {"network": options.extra.get("network", "student"), "adapted": do_adapt,
-                             "similarity": "multi-axis MI + local NCC" if use_ncc else "multi-axis MI",
-                             "prealign_metric": "ncc" if use_ncc else "mi",
+                             "similarity": "multi-axis MI + local NCC" if pair.use_ncc else "multi-axis MI",
+                             "prealign_metric": "ncc" if pair.use_ncc else "mi",
                              "working_grid": list(grid.size_xyz), "working_spacing_mm": spacing}
     if do_adapt:
         progress(0.2, f"test-time optimisation on a {'x'.join(map(str, grid.size_xyz))} grid at {spacing:.2f} mm")
         smooth_weight = options.regularization_weight if options.regularization_weight is not None else \
             SMOOTH_WEIGHT
-        qa.update(adapt(net, f_t, m_t, mask_t, use_ncc, iterations, seconds, smooth_weight,
+        qa.update(adapt(net, pair.fixed, pair.moving, pair.mask, pair.use_ncc, iterations, seconds, smooth_weight,
                         float(options.extra.get("learning_rate", LEARNING_RATE)),
+                        float(options.extra.get("weight_averaging", WEIGHT_AVERAGING)),
                         lambda f, m: progress(0.2 + 0.7 * f, m)))
     t_adapt = time.perf_counter()
-    with torch.no_grad():
-        net.eval()
-        u_vox = net(f_t, m_t)
-        u_mm = voxels_to_mm(u_vox, grid) * to_tensor(edge_taper(grid.shape, TAPER_MM / spacing), device)
+    transform = network_transform(net, pair, case.fixed.grid)
     t_net = time.perf_counter()
-    field = Volume(field_to_array(u_mm), grid.affine.copy(), {"units": "mm"})
-    transform = SpatialTransform(affine, resample_field(field, case.fixed.grid))
     progress(0.93, "patch-wise MI maps")
-    maps = patch_mi_maps(f_norm, m_norm, fixed_mask, affine, transform, min(QA_SPACING_MM, spacing), qa)
+    maps = patch_mi_maps(pair.f_norm, pair.m_norm, pair.fixed_mask, pair.affine, transform,
+                         min(QA_SPACING_MM, spacing), qa)
     t_end = time.perf_counter()
     progress(1.0, "done")
-    return RegistrationResult(NAME, transform, affine, str(device),
-                              {"prealign_s": t_pre - t0, "inputs_s": t_in - t_pre, "adaptation_s": t_adapt - t_in,
+    return RegistrationResult(NAME, transform, pair.affine, str(device),
+                              {"prealign_s": pair.prealign_s, "inputs_s": t_in - t0 - pair.prealign_s,
+                               "adaptation_s": t_adapt - t_in,
                                "network_s": t_net - t_adapt, "total_s": t_end - t0}, qa, messages, maps)
 
 
