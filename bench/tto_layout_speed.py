@@ -16,7 +16,6 @@ import torch
 
 from rtreg.image import Grid, normalize_intensity, resample
 from rtreg.methods import tto
-from rtreg.nets.tto import build, on_device
 from rtreg.spatial import to_tensor
 from rtreg.synth import rt_phantom
 
@@ -26,7 +25,7 @@ REPEATS = 2
 
 def pair() -> tuple:
     """(fixed, moving, mask) (1, 1, 64, 48, 48) tensors in [0, 1]: the pelvis phantom's planning and repeat
-    CT (seed 13) over the planning CT's extent, and the planning body."""
+    CT (seed 13) over the planning CT's extent, and where the planning CT is above 5 % of its range (its body)."""
     case = rt_phantom("pelvis", seed=13, spacing_mm=4.0)
     g = case.planning.grid
     shape = (64, 48, 48)
@@ -39,11 +38,9 @@ def pair() -> tuple:
 
 
 def run(role: str, channels_last: bool, fixed, moving, mask) -> tuple:
-    state, config = tto._weights(role)
-    net = build(config)
-    net.load_state_dict({k: v.clone() for k, v in state.items()})
-    cpu = torch.device("cpu")
-    net = on_device(net, cpu) if channels_last else net.to(cpu)
+    net = tto.load_network(role, torch.device("cpu"))             # channels-last on a CPU (on_device)
+    if not channels_last:
+        net = net.to(memory_format=torch.contiguous_format)
     torch.manual_seed(0)
     start = time.perf_counter()
     tto.adapt(net, fixed, moving, mask, True, ITERATIONS, 1e9)

@@ -77,7 +77,7 @@ def build(config: Dict) -> RegUNet:
 
 def on_device(net: RegUNet, device: torch.device) -> RegUNet:
     """``net`` moved to ``device``; on a CPU with its convolution weights in the channels-last 3D layout, in
-    which oneDNN runs this net's forward plus backward pass about 1.2-1.3 times faster
+    which oneDNN runs this net's forward plus backward pass 1.2-1.5 times faster
     (``python3 bench/tto_layout_speed.py``). The values are the default layout's up to float32 rounding; the
     output displacement is then channels-last too (``.contiguous()`` where a caller needs the default)."""
     net = net.to(device)
