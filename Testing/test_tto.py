@@ -121,6 +121,15 @@ def test_the_adapted_weights_are_the_running_average_of_the_iterates():
         tto.adapt(last, pair["fixed"], pair["moving"], mask, True, 1, 1e9, weight_averaging=1.0)
 
 
+def test_a_bad_weight_averaging_is_refused_before_the_pre_alignment(monkeypatch):
+    monkeypatch.setattr(tto, "working_pair", lambda *a, **k: pytest.fail("the pair was prepared"))
+    img = smooth_image(Grid((32, 32, 32), np.diag([2.0, 2.0, 2.0, 1.0])), seed=4)
+    case = RegistrationCase(img, img)
+    for bad in (1.0, -0.1, "fast", None):
+        with pytest.raises(InputError, match=r"weight_averaging .*\[0, 1\)"):
+            tto.register(case, RegisterOptions(device="cpu", extra={"weight_averaging": bad}))
+
+
 def test_a_budget_of_zero_is_bad_input():
     for opts in (RegisterOptions(iterations=0), RegisterOptions(time_budget_s=0.0)):
         with pytest.raises(InputError, match="budget"):

@@ -95,6 +95,18 @@ def check_budget(options: RegisterOptions) -> Tuple[int, float]:
     return iterations, seconds
 
 
+def check_weight_averaging(value: object) -> float:
+    """The decay of the returned weights' running average (see :func:`adapt`), checked: a number in [0, 1)."""
+    try:
+        decay = float(value)
+    except (TypeError, ValueError):
+        decay = float("nan")
+    if not 0.0 <= decay < 1.0:
+        raise InputError(f"weight_averaging is {value!r}; give a number in [0, 1) (0 keeps the last iterate, "
+                         f"the default {WEIGHT_AVERAGING:g} averages over about the last 10 iterations)")
+    return decay
+
+
 def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, use_ncc: bool,
           iterations: int, seconds: float, smooth_weight: float = SMOOTH_WEIGHT,
           learning_rate: float = LEARNING_RATE, weight_averaging: float = WEIGHT_AVERAGING,
@@ -107,8 +119,7 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
     learning rate makes the last iterate's TRE swing by up to 0.6 mm between stops two iterations apart on a
     pelvis phantom, so where a time budget cuts would decide the result; the average's moves by at most
     0.07 mm (``python3 bench/tto_weight_averaging.py``)."""
-    if not 0.0 <= weight_averaging < 1.0:
-        raise InputError(f"weight_averaging is {weight_averaging:g}; it must be in [0, 1)")
+    weight_averaging = check_weight_averaging(weight_averaging)
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
     params = list(net.parameters())
     averaged = [p.detach().clone() for p in params]
@@ -210,6 +221,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     seed_everything(options.seed)
     do_adapt = bool(options.extra.get("adapt", True))
     iterations, seconds = check_budget(options) if do_adapt else (0, 0.0)
+    averaging = check_weight_averaging(options.extra.get("weight_averaging", WEIGHT_AVERAGING))
     if options.similarity not in SIMILARITIES:
         raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
     messages: List[str] = []
@@ -226,7 +238,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
             SMOOTH_WEIGHT
         qa.update(adapt(net, pair.fixed, pair.moving, pair.mask, pair.use_ncc, iterations, seconds, smooth_weight,
                         float(options.extra.get("learning_rate", LEARNING_RATE)),
-                        float(options.extra.get("weight_averaging", WEIGHT_AVERAGING)),
+                        averaging,
                         lambda f, m: progress(0.2 + 0.7 * f, m)))
     t_adapt = time.perf_counter()
     transform = network_transform(net, pair, case.fixed.grid)
