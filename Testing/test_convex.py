@@ -83,3 +83,24 @@ def test_adam_refinement_on_a_sampled_control_grid_feature_pair():
                            coarse_pair=pair, samples=samples)
         errors.append(np.abs(u[0, :, 8:-8, 8:-8, 8:-8].reshape(3, -1).median(1).values.numpy() - shift_mm).max())
     assert max(errors) < 0.5, errors
+
+
+def test_the_folding_penalty_unfolds_a_field_that_the_data_and_the_bending_energy_keep_folded():
+    """GlideReg's refinement when the data ask for a fold: the fixed features are the moving ones warped by a
+    field that folds (a 15 mm bump along x), and the refinement starts there. With the bending energy alone
+    the fold stays; with the folding penalty no corner of any cell of the result is at or below zero."""
+    from rtreg.convex import adam_refine
+    from rtreg.losses import jacobian_determinants
+    grid = Grid.from_geometry((24, 24, 24), (2.0, 2.0, 2.0))
+    c = torch.arange(24, dtype=torch.float32) * 2.0 - 23.0
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    folded = torch.zeros(1, 3, 24, 24, 24)
+    folded[0, 0] = 15.0 * torch.exp(-(x ** 2 + y ** 2 + z ** 2) / (2 * 6.0 ** 2))      # du_x/dx down to -1.5
+    index_to_mm = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32)
+    assert (jacobian_determinants(folded, index_to_mm) <= 0).any()
+    moving = mind_ssc(to_tensor(smooth_image(grid, seed=4).array, torch.device("cpu")))
+    fixed = warp(moving, folded, grid)
+    results = {weight: adam_refine([(fixed, moving)], folded, grid, [12.0], bending_weight=1.0, iterations=100,
+                                   lr_mm=0.5, folding_weight=weight)[0] for weight in (0.0, 1.0e4)}
+    assert (jacobian_determinants(results[0.0], index_to_mm) <= 0).any()
+    assert (jacobian_determinants(results[1.0e4], index_to_mm) > 0).all()

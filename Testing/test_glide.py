@@ -255,6 +255,9 @@ def test_empty_mask_and_bad_options_are_refused(phantom):
                  RegisterOptions(device="cpu", working_spacing_mm=5.0))
     with pytest.raises(InputError, match="reduction"):
         _register(phantom, reduction="tsne")
+    for weight in (-1.0, "strong", float("nan")):
+        with pytest.raises(InputError, match="folding_weight"):
+            _register(phantom, folding_weight=weight)
 
 
 def test_cli_glide_writes_a_transform_simpleitk_reads(tmp_path, phantom):

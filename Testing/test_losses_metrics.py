@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rtreg.image import Grid, Volume
-from rtreg.losses import (bending_energy, diffusion, divergence_penalty, mind_ssc, mutual_information, ncc_global,
+from rtreg.losses import (bending_energy, diffusion, divergence_penalty, folding_penalty, jacobian_determinants, mind_ssc, mutual_information, ncc_global,
                           ncc_local)
 from rtreg.metrics import (dice, hd95, jacobian_stats, mean_surface_distance, mse, ncc, relative_volume_difference,
                            ssim, tre)
@@ -55,6 +55,30 @@ def test_regularisers_zero_for_trivial_fields():
     assert divergence_penalty(linear, sp).item() == pytest.approx((0.1 + 0.2 - 0.05) ** 2, rel=1e-4)
     rot = torch.stack([-y, x, torch.zeros_like(x)])[None]  # rotation-like: divergence free
     assert divergence_penalty(rot, sp).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_differentiable_jacobian_matches_the_reported_one_and_the_folding_penalty_marks_folds():
+    from rtreg.field import jacobian_determinant
+    from rtreg.spatial import field_to_array
+    c, s_ = np.cos(0.4), np.sin(0.4)
+    oblique = Grid.from_geometry((10, 11, 12), (1.5, 2.0, 2.5), direction=[[c, -s_, 0], [s_, c, 0], [0, 0, 1]])
+    index_to_mm = torch.as_tensor(oblique.affine[:3, :3])
+    k, j, i = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in oblique.shape), indexing="ij")
+    world = torch.einsum("wa,azyx->wzyx", index_to_mm, torch.stack([i, j, k]))       # LPS mm of every voxel
+    linear = torch.tensor([[0.2, -0.1, 0.05], [0.1, -0.3, 0.0], [0.0, 0.15, 0.1]], dtype=torch.float64)
+    u = torch.einsum("cw,wzyx->czyx", linear, world)[None]                             # u(x) = L x, det(I + L)
+    expected = float(np.linalg.det(np.eye(3) + linear.numpy()))
+    assert torch.allclose(jacobian_determinants(u, index_to_mm), torch.tensor(expected, dtype=torch.float64))
+    reported = jacobian_determinant(Volume(field_to_array(u.float()), oblique.affine)).array
+    assert np.allclose(reported, expected, atol=1e-4)
+    assert folding_penalty(u, index_to_mm).item() == 0.0                              # det 0.82: nothing to pay
+    squash = u.clone()
+    squash[:, 0] = -1.5 * world[0]                                                     # x -> -0.5 x: a fold
+    assert (jacobian_determinants(squash, index_to_mm) < 0).all()
+    assert folding_penalty(squash, index_to_mm).item() > 0.0
+    squash.requires_grad_(True)
+    folding_penalty(squash, index_to_mm).backward()
+    assert squash.grad.abs().sum() > 0
 
 
 def test_overlap_and_surface_metrics_on_known_cubes():

@@ -138,13 +138,15 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
                 bending_weight: float, iterations: int, lr_mm: float = 0.5, control_grid: Optional[Grid] = None,
                 mask: Optional[torch.Tensor] = None, coarse_pair: Optional[CoarsePair] = None,
                 control_mask: Optional[torch.Tensor] = None, time_budget_s: Optional[float] = None,
-                samples: Optional[int] = None, seed: int = 0, progress: Progress = no_progress
-                ) -> Tuple[torch.Tensor, int]:
+                samples: Optional[int] = None, seed: int = 0, folding_weight: float = 0.0,
+                progress: Progress = no_progress) -> Tuple[torch.Tensor, int]:
     """Instance optimisation after the convex stage: Adam on a residual field on ``control_grid`` (default:
     half the resolution of ``grid``, over the same extent), smoothed, added to ``u_init`` and upsampled to
     ``grid``, minimising sum_k weights[k] * SSD(fixed_k, moving_k(x + u)) on ``grid`` (inside ``mask``)
     + the ``coarse_pair``'s weight * SSD on the control grid (inside ``control_mask``) and its penalty, its
-    parameters updated jointly + bending_weight * bending energy of the field on the control grid (1/mm).
+    parameters updated jointly + bending_weight * bending energy of the field on the control grid (1/mm)
+    + folding_weight * :func:`rtreg.losses.folding_penalty` of that field (zero unless a cell shrinks below a
+    tenth of its volume or folds; 0 leaves it out).
 
     SSD is the mean squared feature difference (over channels and the mask's voxels); with ``samples``, each
     SSD is estimated each step on that many voxels of its mask drawn at random (seeded by ``seed``:
@@ -152,7 +154,7 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
     moving) feature maps (1, C, z, y, x) on ``grid``; ``u_init`` (1, 3, z, y, x) LPS mm on ``grid``. Stops
     after ``iterations`` or ``time_budget_s`` seconds. Returns the refined field on ``grid`` (mm, detached)
     and the iterations run."""
-    from .losses import bending_energy
+    from .losses import bending_energy, folding_penalty
     from .spatial import smooth, warp
     start = time.perf_counter()
     control_grid = control_grid or grid.with_spacing(2.0 * float(max(grid.spacing)))
@@ -164,6 +166,7 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
     feature_opt = torch.optim.Adam(list(coarse_pair.parameters), lr=1e-3) \
         if coarse_pair is not None and list(coarse_pair.parameters) else None
     control_spacing = [float(s) for s in control_grid.spacing]
+    control_index_to_mm = torch.as_tensor(control_grid.affine[:3, :3], dtype=torch.float32, device=u_init.device)
 
     def ssd(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, on: Grid, where: Optional[torch.Tensor]
             ) -> torch.Tensor:
@@ -182,6 +185,8 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
         step = smooth(residual)
         u_coarse = base_coarse + step
         loss = bending_weight * bending_energy(u_coarse, control_spacing)
+        if folding_weight:
+            loss = loss + folding_weight * folding_penalty(u_coarse, control_index_to_mm)
         if sampler is not None:
             flat, moved = sampler.draw(base, step)
             for w, (fixed, moving) in zip(weights, pairs):

@@ -157,6 +157,47 @@ def bending_energy(u: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
             + 2 * (gxy.pow(2).mean() + gxz.pow(2).mean() + gyz.pow(2).mean()))
 
 
+def jacobian_determinants(u: torch.Tensor, index_to_mm: torch.Tensor) -> torch.Tensor:
+    """det(d(x + u)/dx) of a field (1, 3, z, y, x) LPS mm at each of the 8 corners of every grid cell, from the
+    cell's three edges that meet there (one-sided differences): (8, z-1, y-1, x-1).
+
+    A field whose determinants are positive at every corner of every cell keeps the orientation of each cell
+    (not only with forward differences, which a field can satisfy while its trilinear interpolant folds).
+    ``index_to_mm``: the grid's direction @ diag(spacing) (3x3; the affine's linear part), so oblique grids
+    are handled. Values <= 0 mark folding (:func:`rtreg.field.jacobian_determinant` is the central-difference
+    one, for reporting)."""
+    to_world = torch.linalg.inv(index_to_mm.to(torch.float64)).tolist()             # d index / d mm
+    edges = [u[0, :, :, :, 1:] - u[0, :, :, :, :-1],                                # along i, j, k: (3, ...)
+             u[0, :, :, 1:, :] - u[0, :, :, :-1, :],
+             u[0, :, 1:, :, :] - u[0, :, :-1, :, :]]
+    nz, ny, nx = (n - 1 for n in u.shape[2:])
+    dets = []
+    for ck in (0, 1):
+        for cj in (0, 1):
+            for ci in (0, 1):          # the corner (ci, cj, ck) of each cell: its three edges from there
+                d_index = (edges[0][:, ck:ck + nz, cj:cj + ny, :], edges[1][:, ck:ck + nz, :, ci:ci + nx],
+                           edges[2][:, :, cj:cj + ny, ci:ci + nx])
+                # j[w][c] = d(x + u)_c / d x_w: the column w of the Jacobian, a (3, z, y, x) tensor
+                j = [sum(d * to_world[a][w] for a, d in enumerate(d_index)) for w in range(3)]
+                for w in range(3):
+                    j[w] = j[w] + torch.eye(3, dtype=u.dtype, device=u.device)[:, w].view(3, 1, 1, 1)
+                (a0, a1, a2), (b0, b1, b2), (c0, c1, c2) = j                          # columns x, y, z
+                dets.append(a0 * (b1 * c2 - b2 * c1) - b0 * (a1 * c2 - a2 * c1) + c0 * (a1 * b2 - a2 * b1))
+    return torch.stack(dets)
+
+
+def folding_penalty(u: torch.Tensor, index_to_mm: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
+    """Mean of max(0, ``floor`` - det J)^2 over the corners of the grid's cells (:func:`jacobian_determinants`;
+    unitless): zero for a field that nowhere shrinks a volume below ``floor`` of its size, growing as it folds.
+
+    The determinants are first computed without the autograd graph: where none is below ``floor`` (the usual
+    case) the exact value, 0 with a zero gradient, is returned without the far dearer differentiable pass."""
+    with torch.no_grad():
+        if bool((jacobian_determinants(u, index_to_mm) >= floor).all()):
+            return u.new_zeros(())
+    return F.relu(floor - jacobian_determinants(u, index_to_mm)).pow(2).mean()
+
+
 def divergence_penalty(u: torch.Tensor, spacing: Sequence[float], direction=None) -> torch.Tensor:
     """Mean squared divergence of the field (near-incompressibility), for fields on axis-aligned grids.
 

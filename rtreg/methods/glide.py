@@ -19,7 +19,9 @@ working spacing) and a grid C of half its resolution:
    describe this pair (the shipped encoder was trained briefly on a CPU); u_g and the global term are then
    dropped, and the result says so (``global_guard``: False keeps them, for ablations).
 4. **Adam instance optimisation** on C (control field on C, smoothed): alpha SSD(global) + beta SSD(local)
-   inside the fixed mask + lambda bending energy, the VAE updated jointly (its reconstruction and KL terms
+   inside the fixed mask + lambda bending energy + ``FOLDING_WEIGHT`` x the folding penalty on C (ours:
+   :func:`rtreg.losses.folding_penalty`, zero unless a cell shrinks below a tenth of its volume; bending
+   alone let it fold between two people's abdomens), the VAE updated jointly (its reconstruction and KL terms
    added), until its iterations or the time budget. Each SSD is estimated every step on ``ADAM_SAMPLES``
    random voxels of its mask (the moving global features sampled where the field points, then reduced).
 
@@ -29,7 +31,8 @@ stage that the guard drops, leave the local features alone; an image too small f
 
 Options (``options.extra``): ``global_features`` learned | sam2 | none; ``sam2_checkpoint``,
 ``sam2_config``; ``reduction`` vae | pca; ``stages`` global-to-local | global | local; ``inverse_consistency``
-(bool); ``global_guard`` (bool, default True); ``adam_iterations``. ``options.iterations`` also sets the
+(bool); ``global_guard`` (bool, default True); ``adam_iterations``; ``folding_weight`` (0 leaves the penalty
+out). ``options.iterations`` also sets the
 Adam iterations, ``time_budget_s`` bounds them; ``regularization_weight`` is lambda.
 """
 from __future__ import annotations
@@ -65,6 +68,7 @@ ADAM_LR_MM = 2.0
 ADAM_SAMPLES = 100_000          # voxels of the working grid per Adam step (stochastic gradients)
 ALPHA, BETA = 12.0, 12.0         # weights of the global and the local SSD in the refinement
 BENDING_WEIGHT = 300.0           # lambda (bending energy of the field on the control grid, 1/mm)
+FOLDING_WEIGHT = 1.0e4           # the folding penalty's weight (ours; rtreg.losses.folding_penalty)
 VAE_STEPS = 150                  # fitting the VAE before the convex stage
 STAGES = ("global-to-local", "global", "local")
 SOURCES = ("learned", "sam2", "none")
@@ -105,6 +109,19 @@ class GlobalFeatures:
         """Reduced (fixed, moving) features on ``grid`` (no gradient)."""
         with torch.no_grad():
             return tuple(resample_on_grid(self.reduce(x), self.grid, grid) for x in (self.fixed, self.moving))
+
+
+def _folding_weight(options: RegisterOptions) -> float:
+    """``options.extra["folding_weight"]`` (default ``FOLDING_WEIGHT``): a finite number >= 0."""
+    value = options.extra.get("folding_weight", FOLDING_WEIGHT)
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not np.isfinite(weight) or weight < 0:
+        raise InputError(f"GlideReg option folding_weight={value!r} is not a number >= 0; give e.g. "
+                         f"{FOLDING_WEIGHT:g} (the default) or 0 to leave the folding penalty out")
+    return weight
 
 
 def _global_features(case: RegistrationCase, f_norm: Volume, m_norm: Volume, affine: np.ndarray, grid: Grid,
@@ -181,6 +198,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         raise InputError("GlideReg stages=global needs global features; choose learned or sam2")
     iterations = int(options.extra.get("adam_iterations", options.iterations or ADAM_ITERATIONS))
     bending = BENDING_WEIGHT if options.regularization_weight is None else float(options.regularization_weight)
+    folding = _folding_weight(options)
     check_memory(case.fixed.grid, options.working_spacing_mm, device, channels=2 * LATENT + 12)
     messages: List[str] = []
     qa: Dict[str, object] = {"stages": stages, "reduction": reduction}
@@ -247,7 +265,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     u, done = adam_refine(list(named.values()), u_start, grid, [BETA] * len(named), bending, iterations,
                           lr_mm=ADAM_LR_MM, control_grid=coarse.grid, mask=fine.mask, coarse_pair=global_pair,
                           control_mask=coarse.mask, time_budget_s=options.time_budget_s, samples=ADAM_SAMPLES,
-                          seed=options.seed, progress=lambda f, m: progress(0.6 + 0.35 * f, m))
+                          seed=options.seed, folding_weight=folding, progress=lambda f, m: progress(0.6 + 0.35 * f, m))
     t_adam = time.perf_counter()
     if global_pair is not None:
         with torch.no_grad():
@@ -264,7 +282,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     full = resample_field(field, case.fixed.grid)
     progress(1.0, "done")
     qa.update({"iterations": done, "stopped_by": "iterations" if done == iterations else "time budget",
-               "bending_weight": bending, "working_spacing_mm": options.working_spacing_mm,
+               "bending_weight": bending, "folding_weight": folding, "working_spacing_mm": options.working_spacing_mm,
                "inverse_consistency": bool(options.extra.get("inverse_consistency", False))})
     return RegistrationResult(NAME, SpatialTransform(affine, full), affine, str(device),
                               {"prealign_s": t_pre - t0, "features_s": t_feat - t_pre, "convex_s": t_convex - t_feat,
