@@ -327,6 +327,8 @@ METHODS: List[Method] = [
            _rtreg("glide", at_image_spacing=True, stages="local"), ours=True, in_default=False),
     Method("glide-pca", "GlideReg, global-to-local with PCA instead of the VAE", "rtreg",
            _rtreg("glide", at_image_spacing=True, reduction="pca"), ours=True, in_default=False),
+    Method("glide-no-guard", "GlideReg, global-to-local always (the guard off)", "rtreg",
+           _rtreg("glide", at_image_spacing=True, global_guard=False), ours=True, in_default=False),
     Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
     Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
     Method("elastix", "elastix B-spline", "itk", _elastix),
