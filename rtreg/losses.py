@@ -171,6 +171,7 @@ def jacobian_determinants(u: torch.Tensor, index_to_mm: torch.Tensor) -> torch.T
              u[0, :, :, 1:, :] - u[0, :, :, :-1, :],
              u[0, :, 1:, :, :] - u[0, :, :-1, :, :]]
     nz, ny, nx = (n - 1 for n in u.shape[2:])
+    identity = torch.eye(3, dtype=u.dtype, device=u.device)
     dets = []
     for ck in (0, 1):
         for cj in (0, 1):
@@ -178,9 +179,8 @@ def jacobian_determinants(u: torch.Tensor, index_to_mm: torch.Tensor) -> torch.T
                 d_index = (edges[0][:, ck:ck + nz, cj:cj + ny, :], edges[1][:, ck:ck + nz, :, ci:ci + nx],
                            edges[2][:, :, cj:cj + ny, ci:ci + nx])
                 # j[w][c] = d(x + u)_c / d x_w: the column w of the Jacobian, a (3, z, y, x) tensor
-                j = [sum(d * to_world[a][w] for a, d in enumerate(d_index)) for w in range(3)]
-                for w in range(3):
-                    j[w] = j[w] + torch.eye(3, dtype=u.dtype, device=u.device)[:, w].view(3, 1, 1, 1)
+                j = [sum(d * to_world[a][w] for a, d in enumerate(d_index)) + identity[:, w].view(3, 1, 1, 1)
+                     for w in range(3)]
                 (a0, a1, a2), (b0, b1, b2), (c0, c1, c2) = j                          # columns x, y, z
                 dets.append(a0 * (b1 * c2 - b2 * c1) - b0 * (a1 * c2 - a2 * c1) + c0 * (a1 * b2 - a2 * b1))
     return torch.stack(dets)

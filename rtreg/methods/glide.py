@@ -14,7 +14,7 @@ working spacing) and a grid C of half its resolution:
    composition w(x) = u_l(x) + u_g(x + u_l(x)) is the field of warping by u_g, then by u_l (our fields pull
    back: warped(x) = moving(x + w(x)); the paper's u_g(x) + u_l(x + u_g(x)) written for the same sequence).
    Optionally the same in the backward direction, and both made inverse-consistent.
-   Guard (ours): the local convex stage is also run alone (without u_g; a fraction of a second); when the
+   Guard (ours): the local convex stage is also run alone (without u_g; one more convex stage); when the
    global-to-local field does not end at a lower local feature SSD inside the fixed mask (where the
    pre-aligned moving image has data) than the local stage alone, the global features do not help on this
    pair (the shipped encoder is undertrained); u_g and the global term are then dropped, and the result says
