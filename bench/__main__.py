@@ -4,10 +4,10 @@
   packages (rtreg, torch) and adds the peers from PyPI, pinned, with torch held
   at the installed version.
 * ``run``: build the cases, run every method on them, print and write the
-  tables and plots (``--full`` for every case; the default subset, five suites
-  with every default method, takes over an hour on 2 cores: ``--suites`` picks
-  a part). ``--update-readme`` puts the tables into
-  ``bench/README.md``.
+  tables and plots (default: the rt-phantom and real-anatomy suites, their
+  default cases and methods, about 50 minutes on 2 cores; ``--suites`` picks
+  others, ``--full`` every suite, case and method). ``--update-readme`` puts
+  the tables into ``bench/README.md``.
 * ``report``: re-render the report from the saved rows.
 """
 from __future__ import annotations
@@ -49,13 +49,14 @@ def run(args) -> int:
     from .harness import machine, run_case, save_rows
     from .methods import METHODS
     from .report import write_report
-    from .suites import select
+    from .suites import DEFAULT_SUITES, SUITES, select
     named = args.methods.split(",") if args.methods else []
     methods = [m for m in METHODS if m.name in named or (not named and (args.full or m.in_default))]
     unknown = set(named) - {m.name for m in METHODS}
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {[m.name for m in METHODS]}")
-    specs = select(args.suites.split(","), args.full, args.cases.split(",") if args.cases else None)
+    suites = args.suites.split(",") if args.suites else list(SUITES if args.full else DEFAULT_SUITES)
+    specs = select(suites, args.full, args.cases.split(",") if args.cases else None)
     work, report = Path(args.work), Path(args.out)
     spacing = args.spacing or (2.0 if args.full else 3.0)
     t0 = time.perf_counter()
@@ -94,7 +95,8 @@ def main() -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("setup", help="install the peers from PyPI into bench/.venv").set_defaults(func=setup)
     r = sub.add_parser("run", help="run the suites and write the report")
-    r.add_argument("--suites", default="rt-phantom,real-anatomy,multimodal,large-offset,inter-subject")
+    r.add_argument("--suites", default="", help="comma-separated suites (default: rt-phantom,real-anatomy, about "
+                   "50 minutes on 2 cores; --full: all five, adding multimodal,large-offset,inter-subject)")
     r.add_argument("--methods", default="", help="comma-separated method names (default: the default set; "
                    "--full: all)")
     r.add_argument("--cases", default="", help="comma-separated case names (default: all of the suites)")
