@@ -95,7 +95,8 @@ def test_each_module_logic_registers_a_small_phantom(module):
         assert out.maps["patch_mi_after"].GetImageData() is not None
         assert any(line.startswith("patch-wise MI") for line in out.summary), out.summary
     if module == "GlideReg":    # its QA reaches the panel's log and table
-        assert any(line.startswith("GlideReg: global-to-local") for line in out.summary), out.summary
+        assert any(line.startswith("GlideReg: ") and "feature SSD after pre-alignment / convex / Adam" in line
+                   for line in out.summary), out.summary
     if module == "ProtonDIR":   # the engine's notes reach the panel: no dose was given
         assert any("risk map not used: no dose" in m for m in out.messages), out.messages
 
