@@ -111,6 +111,18 @@ class RegisterOptions:
     extra: Dict[str, object] = field(default_factory=dict)
 
 
+def option_number(name: str, value: object, valid: Callable[[float], bool], expected: str) -> float:
+    """``value`` of the option ``name`` as a float, or InputError("``name`` is ``value``; give ``expected``")
+    when it is not a finite number for which ``valid`` holds."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number) or not valid(number):
+        raise InputError(f"{name} is {value!r}; give {expected}")
+    return number
+
+
 @dataclass
 class MatchedPoints:
     """Point correspondences a method found: ``fixed`` (N, 3) and ``moving`` (N, 3) LPS mm, a confidence in

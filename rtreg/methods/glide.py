@@ -44,7 +44,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress,
+                    option_number)
 from ..convex import CoarsePair, adam_refine, control_field_mm, inverse_consistent
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
@@ -114,15 +115,9 @@ class GlobalFeatures:
 
 def _folding_weight(options: RegisterOptions) -> float:
     """``options.extra["folding_weight"]`` (default ``FOLDING_WEIGHT``): a finite number >= 0."""
-    value = options.extra.get("folding_weight", FOLDING_WEIGHT)
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        weight = float("nan")
-    if not np.isfinite(weight) or weight < 0:
-        raise InputError(f"GlideReg option folding_weight={value!r} is not a number >= 0; give e.g. "
-                         f"{FOLDING_WEIGHT:g} (the default) or 0 to leave the folding penalty out")
-    return weight
+    return option_number("GlideReg option folding_weight", options.extra.get("folding_weight", FOLDING_WEIGHT),
+                         lambda w: w >= 0, f"a number >= 0, e.g. {FOLDING_WEIGHT:g} (the default) or 0 to leave "
+                         "the folding penalty out")
 
 
 def _global_features(case: RegistrationCase, f_norm: Volume, m_norm: Volume, affine: np.ndarray, grid: Grid,

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress,
+                    option_number)
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
 from ..field import SpatialTransform, moving_coverage, resample_field, warp
@@ -97,14 +98,9 @@ def check_budget(options: RegisterOptions) -> Tuple[int, float]:
 
 def check_weight_averaging(value: object) -> float:
     """The decay of the returned weights' running average (see :func:`adapt`), checked: a number in [0, 1)."""
-    try:
-        decay = float(value)
-    except (TypeError, ValueError):
-        decay = float("nan")
-    if not 0.0 <= decay < 1.0:
-        raise InputError(f"weight_averaging is {value!r}; give a number in [0, 1) (0 keeps the last iterate, "
-                         f"the default {WEIGHT_AVERAGING:g} averages over about the last 10 iterations)")
-    return decay
+    return option_number("weight_averaging", value, lambda d: 0.0 <= d < 1.0,
+                         f"a number in [0, 1) (0 keeps the last iterate, the default {WEIGHT_AVERAGING:g} averages "
+                         "over about the last 10 iterations)")
 
 
 def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, use_ncc: bool,
