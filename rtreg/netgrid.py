@@ -59,11 +59,13 @@ def network_images(f_norm: Volume, m_norm: Volume, affine: np.ndarray, grid: Gri
 def spacing_for_budget(grid: Grid, max_voxels: int, min_spacing_mm: float, region: Optional[np.ndarray] = None,
                        margin_mm: float = BODY_MARGIN_MM, multiple: int = 16, minimum: int = 32) -> float:
     """The finest isotropic spacing (mm, at least ``min_spacing_mm``) whose :func:`working_grid` over ``region``
-    has at most ``max_voxels`` voxels (or the coarsest that reaches ``minimum`` voxels per axis)."""
+    has at most ``max_voxels`` voxels, or the first at which every axis is down to ``minimum`` voxels (coarser
+    spacings would not shrink the grid). An axis held at ``minimum`` (a thin slab) does not stop the others
+    from coarsening."""
     spacing = float(min_spacing_mm)
     for _ in range(200):
         g = working_grid(grid, spacing, multiple, minimum, region, margin_mm)
-        if int(np.prod(g.shape)) <= max_voxels or min(g.shape) <= minimum:
+        if int(np.prod(g.shape)) <= max_voxels or max(g.shape) <= minimum:
             return spacing
         spacing *= 1.05
     return spacing
