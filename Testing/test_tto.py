@@ -19,7 +19,7 @@ from rtreg.case import RegisterOptions, RegistrationCase
 from rtreg.errors import InputError
 from rtreg.image import Grid, read_frames, read_volume, write_frames, write_volume
 from rtreg.labelmaps import label_map_pair
-from rtreg.losses import multi_axis_mi
+from rtreg.losses import jacobian_determinants, multi_axis_mi
 from rtreg.methods import tto
 from rtreg.metrics import patch_mi_map, tre
 from rtreg.models import load_weights, read_manifest
@@ -139,13 +139,48 @@ def test_the_adapted_weights_are_the_running_average_of_the_iterates():
         tto.adapt(last, pair["fixed"], pair["moving"], mask, True, 1, 1e9, weight_averaging=1.0)
 
 
-def test_a_bad_weight_averaging_is_refused_before_the_pre_alignment(monkeypatch):
+class _FieldNet(torch.nn.Module):
+    """A stand-in 'network' whose output is its one parameter, a displacement in voxels (1, 3, z, y, x)."""
+
+    def __init__(self, u: torch.Tensor):
+        super().__init__()
+        self.u = torch.nn.Parameter(u.clone())
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        return self.u
+
+
+def test_the_folding_penalty_unfolds_a_field_that_the_images_ask_for():
+    """The fixed image is the moving one warped by a folding field (det J down to -0.15), so the similarity
+    keeps the fold (it deepens it, to about -0.2); the folding penalty (ours, on by default) removes it."""
+    shape = (16, 16, 32)
+    x = torch.arange(shape[2], dtype=torch.float32)
+    u_fold = torch.zeros(1, 3, *shape)
+    u_fold[0, 0] = 3.0 * torch.sin(2 * torch.pi * x / 16)            # along i: 1 + du/di down to 1 - 3 (2 pi / 16)
+    moving = smooth_image(Grid(shape, np.eye(4)), seed=3).array
+    moving = torch.from_numpy((moving - moving.min()) / np.ptp(moving)).float()[None, None]
+    fixed = warp_voxels(moving, u_fold)
+    mask = torch.ones_like(fixed)
+    dets = {}
+    for weight in (0.0, tto.FOLDING_WEIGHT):
+        net = _FieldNet(u_fold)
+        qa = tto.adapt(net, fixed, moving, mask, True, 60, 1e9, learning_rate=0.02, folding_weight=weight)
+        assert qa["folding_weight"] == weight
+        with torch.no_grad():
+            dets[weight] = float(jacobian_determinants(net.u, torch.eye(3)).min())
+    assert dets[0.0] < 0 < dets[tto.FOLDING_WEIGHT]
+
+
+def test_a_bad_weight_averaging_or_folding_weight_is_refused_before_the_pre_alignment(monkeypatch):
     monkeypatch.setattr(tto, "working_pair", lambda *a, **k: pytest.fail("the pair was prepared"))
     img = smooth_image(Grid((32, 32, 32), np.diag([2.0, 2.0, 2.0, 1.0])), seed=4)
     case = RegistrationCase(img, img)
     for bad in (1.0, -0.1, "fast", None):
         with pytest.raises(InputError, match=r"weight_averaging .*\[0, 1\)"):
             tto.register(case, RegisterOptions(device="cpu", extra={"weight_averaging": bad}))
+    for bad in (-1.0, "strong", float("nan")):
+        with pytest.raises(InputError, match=r"folding_weight .*>= 0"):
+            tto.register(case, RegisterOptions(device="cpu", extra={"folding_weight": bad}))
 
 
 def test_a_budget_of_zero_is_bad_input():
