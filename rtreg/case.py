@@ -123,6 +123,14 @@ def option_number(name: str, value: object, valid: Callable[[float], bool], expe
     return number
 
 
+
+def folding_weight_option(method: str, options: RegisterOptions, default: float) -> float:
+    """``options.extra["folding_weight"]`` (``default`` when absent) of ``method``, the weight of
+    :func:`rtreg.losses.folding_penalty` in its optimisation: a finite number >= 0 (0 leaves the penalty out)."""
+    return option_number(f"{method} option folding_weight", options.extra.get("folding_weight", default),
+                         lambda w: w >= 0, f"a number >= 0, e.g. {default:g} (the default) or 0 to leave the "
+                         "folding penalty out")
+
 @dataclass
 class MatchedPoints:
     """Point correspondences a method found: ``fixed`` (N, 3) and ``moving`` (N, 3) LPS mm, a confidence in

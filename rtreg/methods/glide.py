@@ -44,8 +44,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress,
-                    option_number)
+from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationResult, folding_weight_option,
+                    no_progress)
 from ..convex import CoarsePair, adam_refine, control_field_mm, inverse_consistent
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
@@ -111,13 +111,6 @@ class GlobalFeatures:
         """Reduced (fixed, moving) features on ``grid`` (no gradient)."""
         with torch.no_grad():
             return tuple(resample_on_grid(self.reduce(x), self.grid, grid) for x in (self.fixed, self.moving))
-
-
-def _folding_weight(options: RegisterOptions) -> float:
-    """``options.extra["folding_weight"]`` (default ``FOLDING_WEIGHT``): a finite number >= 0."""
-    return option_number("GlideReg option folding_weight", options.extra.get("folding_weight", FOLDING_WEIGHT),
-                         lambda w: w >= 0, f"a number >= 0, e.g. {FOLDING_WEIGHT:g} (the default) or 0 to leave "
-                         "the folding penalty out")
 
 
 def _global_features(case: RegistrationCase, f_norm: Volume, m_norm: Volume, affine: np.ndarray, grid: Grid,
@@ -194,7 +187,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         raise InputError("GlideReg stages=global needs global features; choose learned or sam2")
     iterations = int(options.extra.get("adam_iterations", options.iterations or ADAM_ITERATIONS))
     bending = BENDING_WEIGHT if options.regularization_weight is None else float(options.regularization_weight)
-    folding = _folding_weight(options)
+    folding = folding_weight_option("GlideReg", options, FOLDING_WEIGHT)
     check_memory(case.fixed.grid, options.working_spacing_mm, device, channels=2 * LATENT + 12)
     messages: List[str] = []
     qa: Dict[str, object] = {"stages": stages, "reduction": reduction}

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress,
-                    option_number)
+from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationResult, folding_weight_option,
+                    no_progress, option_number)
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
 from ..field import SpatialTransform, moving_coverage, resample_field, warp
@@ -227,9 +227,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     do_adapt = bool(options.extra.get("adapt", True))
     iterations, seconds = check_budget(options) if do_adapt else (0, 0.0)
     averaging = check_weight_averaging(options.extra.get("weight_averaging", WEIGHT_AVERAGING))
-    folding = option_number("TTORegister option folding_weight", options.extra.get("folding_weight", FOLDING_WEIGHT),
-                            lambda w: w >= 0, f"a number >= 0, e.g. {FOLDING_WEIGHT:g} (the default) or 0 to leave "
-                            "the folding penalty out")
+    folding = folding_weight_option("TTORegister", options, FOLDING_WEIGHT)
     if options.similarity not in SIMILARITIES:
         raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
     messages: List[str] = []
