@@ -57,7 +57,8 @@ def _field_volume(img: sitk.Image) -> Volume:
 # ---------------------------------------------------------------- ours
 def _rtreg(method: str, at_image_spacing: bool = False, **extra) -> Runner:
     """An rtreg method on the case's files; ProtonDIR also gets the case's structures, dose and plan text
-    (``extra``: the method's options, e.g. ProtonDIR's clinical inputs and whether it refines);
+    (``extra``: the method's options, e.g. ProtonDIR's clinical inputs and whether it refines; its
+    ``prealign`` and ``regularization_weight`` go to the ``RegisterOptions`` fields of those names);
     ``at_image_spacing``: work at the fixed image's own spacing (as ConvexAdam does) instead of 2 mm."""
     def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
         from rtreg.case import RegisterOptions
@@ -74,7 +75,7 @@ def _rtreg(method: str, at_image_spacing: bool = False, **extra) -> Runner:
         spacing = float(min(case.fixed.grid.spacing)) if at_image_spacing else RegisterOptions.working_spacing_mm
         options = RegisterOptions(device="cpu", similarity=across if multimodal else "auto",
                                   prealign=str(opts.pop("prealign", "rigid")), working_spacing_mm=spacing,
-                                  extra=opts)
+                                  regularization_weight=opts.pop("regularization_weight", None), extra=opts)
         result = get_method(method)(case, options, lambda f, m: None)
         return result.transform.total_field(case.fixed.grid)
     return run
@@ -329,6 +330,9 @@ METHODS: List[Method] = [
            _rtreg("glide", at_image_spacing=True, reduction="pca"), ours=True, in_default=False),
     Method("glide-no-guard", "GlideReg, global-to-local always (the guard off)", "rtreg",
            _rtreg("glide", at_image_spacing=True, global_guard=False), ours=True, in_default=False),
+    *[Method(f"glide-bending-{w}", f"GlideReg, bending weight {w}", "rtreg",
+             _rtreg("glide", at_image_spacing=True, regularization_weight=float(w)), ours=True, in_default=False)
+      for w in (300, 1000)],
     Method("ants-syn-quick", "ANTs SyN quick (MI)", "ants", _ants(quick=True)),
     Method("ants-syn", "ANTs SyN (CC)", "ants", _ants(quick=False), in_default=False),
     Method("elastix", "elastix B-spline", "itk", _elastix),

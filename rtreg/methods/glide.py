@@ -69,7 +69,8 @@ ADAM_ITERATIONS = 120
 ADAM_LR_MM = 2.0
 ADAM_SAMPLES = 100_000          # voxels of the working grid per Adam step (stochastic gradients)
 ALPHA, BETA = 12.0, 12.0         # weights of the global and the local SSD in the refinement
-BENDING_WEIGHT = 300.0           # lambda (bending energy of the field on the control grid, 1/mm)
+BENDING_WEIGHT = 600.0           # lambda (bending energy of the field on the control grid, 1/mm); chosen on
+#                                  held-out benchmark cases (bench/README.md, GlideReg, "Bending weight")
 FOLDING_WEIGHT = 1.0e4           # the folding penalty's weight (ours; rtreg.losses.folding_penalty)
 VAE_STEPS = 150                  # fitting the VAE before the convex stage
 STAGES = ("global-to-local", "global", "local")
