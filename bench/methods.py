@@ -88,12 +88,27 @@ _ABLATION = {"protondir-base": [], "protondir-base-a": ["anatomy"], "protondir-b
 
 
 # ---------------------------------------------------------------- ANTs
+ANTS_SEED = 1   # antsRegistration's --random-seed, for its random metric sampling
+
+
+def _seeded_ants():
+    """``ants``, set to pass ``--random-seed ANTS_SEED`` to every ``antsRegistration`` call, so that its random
+    metric sampling is the same in every run. Unseeded, results moved a lot between runs (SyN CC organ Dice
+    0.29 to 0.46 on one inter-subject case; twice its affine stage mirrored an image). Seeded, two runs still
+    differ a little (up to 0.04 organ Dice on an inter-subject slab, 0.005 mm TRE on DCPT) because of ITK's two
+    threads: with one thread, two seeded runs give identical images. ``ants.set_ants_deterministic`` forces
+    that one thread, which would make its timings unfair, so only the seed that antspyx 0.6.3 reads is set."""
+    import ants
+    ants.config._random_seed = ANTS_SEED
+    return ants
+
+
 def _ants(quick: bool) -> Runner:
     """``antsRegistrationSyN.sh``'s recipe: affine (Mattes MI), then SyN with CC radius 4 over 100x70x50x20
     iterations at shrink factors 8x4x2x1; ``quick``: ``antsRegistrationSyNQuick.sh``'s, SyN with Mattes MI
     over 100x70x50x0. Across modalities SyN uses Mattes MI in both."""
     def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
-        import ants
+        ants = _seeded_ants()
         f, m = ants.image_read(str(fixed)), ants.image_read(str(moving))
         cc = not (quick or multimodal)
         reg = ants.registration(f, m, type_of_transform="SyN", syn_metric="CC" if cc else "mattes",
@@ -147,7 +162,7 @@ def _rtreg_rigid(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Vol
 def _ants_linear(kind: str) -> Runner:
     """``ants.registration`` with ``type_of_transform`` Rigid or Affine (Mattes MI, its defaults)."""
     def run(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volume:
-        import ants
+        ants = _seeded_ants()
         reg = ants.registration(ants.image_read(str(fixed)), ants.image_read(str(moving)),
                                 type_of_transform=kind, outprefix=str(work / "ants_"), verbose=False)
         return _constant_field(fixed, sitk_linear_to_affine(sitk.ReadTransform(reg["fwdtransforms"][0])))
