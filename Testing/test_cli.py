@@ -134,6 +134,13 @@ def test_bad_input_exits_2_with_a_message(case_dir, tmp_path, capsys):
     assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o3"),
                  "--fixed-structures", str(tmp_path / "nothing")]) == 2
     assert "do not exist" in capsys.readouterr().err
+    for flag, value, named in (("--regularization-weight", "-5", "regularization weight"),
+                               ("--regularization-weight", "nan", "regularization weight"),
+                               ("--working-spacing", "0", "working spacing")):
+        assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o4"),
+                     flag, value]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists()
 
 
 def test_different_frames_need_prealignment_or_override(tmp_path, capsys):

@@ -110,6 +110,15 @@ class RegisterOptions:
     working_spacing_mm: float = 2.0
     extra: Dict[str, object] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse the shared numbers no method can use (each method checks its own budget and ``extra``)."""
+        self.working_spacing_mm = option_number("the working spacing (--working-spacing)", self.working_spacing_mm,
+                                                lambda s: s > 0, "a spacing in mm above 0, e.g. 2")
+        if self.regularization_weight is not None:
+            self.regularization_weight = option_number(
+                "the regularization weight (--regularization-weight)", self.regularization_weight, lambda w: w >= 0,
+                "a number >= 0, or leave it out for the method's default")
+
 
 def option_number(name: str, value: object, valid: Callable[[float], bool], expected: str) -> float:
     """``value`` of the option ``name`` as a float, or InputError("``name`` is ``value``; give ``expected``")
@@ -123,13 +132,13 @@ def option_number(name: str, value: object, valid: Callable[[float], bool], expe
     return number
 
 
-
 def folding_weight_option(method: str, options: RegisterOptions, default: float) -> float:
     """``options.extra["folding_weight"]`` (``default`` when absent) of ``method``, the weight of
     :func:`rtreg.losses.folding_penalty` in its optimisation: a finite number >= 0 (0 leaves the penalty out)."""
     return option_number(f"{method} option folding_weight", options.extra.get("folding_weight", default),
                          lambda w: w >= 0, f"a number >= 0, e.g. {default:g} (the default) or 0 to leave the "
                          "folding penalty out")
+
 
 @dataclass
 class MatchedPoints:
