@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from conftest import oblique_grid, smooth_image
+from conftest import oblique_grid, smooth_field, smooth_image
 from rtreg.case import RegisterOptions, RegistrationCase
 from rtreg.errors import InputError
 from rtreg.image import Grid, Volume, write_volume
@@ -216,11 +216,14 @@ def test_a_global_stage_that_disagrees_with_the_local_features_is_dropped_and_sa
 
 
 def test_glide_with_sam2_features_through_a_stand_in(phantom, monkeypatch):
-    """The SAM2 path end to end, with the stand-in encoder in place of a real checkpoint."""
+    """The SAM2 path end to end, with the stand-in encoder in place of a real checkpoint (its random features
+    need not help, so the guard is off: the global stage and term run whatever they score)."""
     from rtreg.methods import glide
     monkeypatch.setattr(glide, "load_sam2", lambda checkpoint, config, device: _StandIn2D().eval())
-    result = _register(phantom, global_features="sam2", sam2_checkpoint="stand-in", adam_iterations=20)
+    result = _register(phantom, global_features="sam2", sam2_checkpoint="stand-in", adam_iterations=20,
+                       global_guard=False)
     assert result.qa["global_features"] == "sam2" and not result.messages
+    assert result.qa["stages"] == "global-to-local" and "global" in result.qa["ssd_after"]
 
 
 def test_missing_sam2_checkpoint_falls_back_to_local_features_and_says_so(phantom, tmp_path):
@@ -326,3 +329,36 @@ def test_a_global_stage_that_reaches_beyond_the_local_search_is_kept(phantom, mo
     assert ssd["global-to-local"] < ssd["local only"]
     _, tre_local = run(stages="local")
     assert tre < 3.0 and tre < tre_local - 0.5          # about 2.2 against 3.2 mm
+
+
+def test_warp_through_is_exact_for_a_linear_image_through_a_rigid_map_and_a_field():
+    """moving(A(x + u(x))) from the moving image's own oblique grid: right for a linear image (which trilinear
+    interpolation reproduces), so the order (field first, then A) and every frame convention are checked."""
+    from rtreg.spatial import warp_through
+    from rtreg.synth import rigid_matrix
+    moving_grid = oblique_grid(shape=(30, 32, 34), spacing=(2.0, 1.5, 2.5))
+    fixed = Grid.from_geometry((6, 7, 8), (3.0, 3.0, 3.0), origin_xyz=tuple(moving_grid.center() - 10.0))
+    a = rigid_matrix((4.0, -3.0, 6.0), (1.7, -2.2, 0.9), fixed.center())
+    u = smooth_field(fixed, amplitude_mm=2.5)
+    coef = np.array([0.3, -0.2, 0.5])
+    values = (moving_grid.world_points() @ coef).reshape(moving_grid.shape).astype(np.float32)
+    u_t = torch.as_tensor(np.moveaxis(u.array, -1, 0)[None].copy())                 # (1, 3, z, y, x) mm
+    got = warp_through(to_tensor(values, CPU), moving_grid, a, u_t, fixed)[0, 0].numpy()
+    x = fixed.world_points().reshape(-1, 3) + u.array.reshape(-1, 3)
+    np.testing.assert_allclose(got.reshape(-1), (x @ a[:3, :3].T + a[:3, 3]) @ coef, atol=1e-3)
+
+
+def test_a_sub_voxel_pre_alignment_is_undone_without_blurring_the_moving_image():
+    """A half-voxel pre-alignment undone by the field gives back the moving image's own voxels (one
+    interpolation, at whole voxels); resampling through A first and then warping back blurs them."""
+    from rtreg.spatial import warp_through
+    grid = Grid.from_geometry((12, 12, 12), (2.0, 2.0, 2.0))
+    image = to_tensor(smooth_image(grid).array, CPU)
+    a = np.eye(4)
+    a[:3, 3] = (1.0, -1.0, 1.0)                                   # half a voxel along every axis
+    back = torch.as_tensor(-a[:3, 3], dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, 12, 12, 12)
+    once = warp_through(image, grid, a, back, grid)[0, 0, 2:-2, 2:-2, 2:-2]
+    twice = warp(warp_through(image, grid, a, None, grid), back, grid)[0, 0, 2:-2, 2:-2, 2:-2]
+    inner = image[0, 0, 2:-2, 2:-2, 2:-2]
+    assert torch.allclose(once, inner, atol=1e-3)
+    assert float((twice - inner).abs().mean()) > 0.1 * float(inner.std())

@@ -226,7 +226,9 @@ def test_cancel_kills_the_process_tree_and_removes_temporary_files(phantom):
 def test_logic_on_dcpt_phantom_with_rtstruct(tmp_path):
     """DCPT head CT (resampled to 2 mm) with a known weight-loss deformation and setup error: the real CTV
     carried over with Dice >= 0.9. (With a random soft-tissue field inside the skull the baseline reaches
-    only about 0.7: the phantom's interior is nearly uniform, so nothing shows how it moved.)"""
+    only about 0.7: the phantom's interior is nearly uniform, so nothing shows how it moved.) At io's default
+    2 mm working spacing: at 3 mm the CTV came out at 0.88 though its voxels' mean error fell from 1.02 to
+    0.91 mm once the moving image was interpolated once (the field inside the uniform brain shrinks it more)."""
     folder = data_path("dcpt_headphantom", "DCPT_headphantom")
     ct = read_volume(folder)
     ct2 = resample(ct, ct.grid.with_spacing(2.0))
@@ -236,8 +238,7 @@ def test_logic_on_dcpt_phantom_with_rtstruct(tmp_path):
     fixed = mrml.add_volume_node(scene, ct2, "DCPT planning")
     moving = mrml.add_volume_node(scene, case.repeat, "DCPT repeat")
     seg = mrml.add_segmentation_node(scene, list(structs.values()), ct2.grid, "DCPT RTSTRUCT")
-    out = mrml.RegistrationLogic("io", scene).process(mrml.RegistrationInputs(fixed, moving, seg),
-                                                      {"device": "cpu", "working_spacing": 3})
+    out = mrml.RegistrationLogic("io", scene).process(mrml.RegistrationInputs(fixed, moving, seg), {"device": "cpu"})
     got = {s.name: s for s in mrml.structures_from_segmentation(
         out.segmentation, mrml.volume_from_node(moving, with_parent_transform=False))}
     from rtreg.field import invert, warp

@@ -242,6 +242,28 @@ def test_student_with_test_time_optimisation_registers_the_pelvis_phantom(pelvis
     assert result.transform.displacement.grid.same_as(pelvis.planning.grid)
 
 
+def test_the_similarity_reads_the_moving_image_once_through_the_pre_alignment(pelvis, monkeypatch):
+    """The test-time optimisation compares the fixed image with moving(A(x + u(x))) read from the moving
+    image's own grid in one interpolation (``WorkingPair.warped``): with u = 0 it is the network's input (the
+    moving image resampled through A) up to interpolation, and with u a whole-voxel shift it is that shift of
+    it; a wrong direction of A or of u would fail both."""
+    a = rigid_matrix((2.0, -1.0, 1.5), (3.3, -2.1, 1.2), pelvis.planning.grid.center())
+    monkeypatch.setattr(tto, "prealign", lambda *args, **kwargs: a.copy())
+    pair = tto.working_pair(RegistrationCase(pelvis.planning, pelvis.repeat),
+                            RegisterOptions(device="cpu", extra={"max_voxels": 48 * 48 * 32}), torch.device("cpu"), [])
+    inside = pair.mask > 0
+    zero = torch.zeros(1, 3, *pair.grid.shape)
+    spread = float(pair.moving[inside].std())
+    assert float((pair.warped(zero) - pair.moving)[inside].abs().mean()) < 0.1 * spread
+    one = zero.clone()
+    one[:, 0] = 1.0                                          # one working voxel along i (x)
+    shifted = pair.moving[..., 1:]                           # moving(A(x + 1 voxel)) on the working grid
+    got = pair.warped(one)[..., :-1]
+    assert float((got - shifted)[inside[..., :-1]].abs().mean()) < 0.1 * spread
+    assert float((got - pair.moving[..., :-1])[inside[..., :-1]].abs().mean()) > \
+        2 * float((got - shifted)[inside[..., :-1]].abs().mean())
+
+
 def _series(tmp_path, pelvis):
     """A 3-frame series: the planning image, then two known rigid motions of it (1 mm and 3 mm, 1-2 degrees)."""
     from rtreg.field import SpatialTransform, warp

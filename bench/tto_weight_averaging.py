@@ -56,7 +56,7 @@ def trace(site: str, seed: int) -> dict:
             net.train()
 
     tto.adapt(net, pair.fixed, pair.moving, pair.mask, pair.use_ncc, ITERATIONS, 1e9, weight_averaging=0.0,
-              progress=after_step)
+              warp_moving=pair.warped, progress=after_step)
     rigid = tre(SpatialTransform(pair.affine).transform_points(phantom.points_planning), phantom.points_repeat)
     return {"rigid": rigid["mean"], **errors}
 

@@ -139,7 +139,8 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
                 mask: Optional[torch.Tensor] = None, coarse_pair: Optional[CoarsePair] = None,
                 control_mask: Optional[torch.Tensor] = None, time_budget_s: Optional[float] = None,
                 samples: Optional[int] = None, seed: int = 0, folding_weight: float = 0.0,
-                progress: Progress = no_progress) -> Tuple[torch.Tensor, int]:
+                moving_frame: Optional[Tuple[Grid, np.ndarray]] = None, progress: Progress = no_progress
+                ) -> Tuple[torch.Tensor, int]:
     """Instance optimisation after the convex stage: Adam on a residual field on ``control_grid`` (default:
     half the resolution of ``grid``, over the same extent), smoothed, added to ``u_init`` and upsampled to
     ``grid``, minimising sum_k weights[k] * SSD(fixed_k, moving_k(x + u)) on ``grid`` (inside ``mask``)
@@ -150,12 +151,14 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
 
     SSD is the mean squared feature difference (over channels and the mask's voxels); with ``samples``, each
     SSD is estimated each step on that many voxels of its mask drawn at random (seeded by ``seed``:
-    stochastic gradients, far cheaper on a fine grid). ``pairs``: (fixed,
-    moving) feature maps (1, C, z, y, x) on ``grid``; ``u_init`` (1, 3, z, y, x) LPS mm on ``grid``. Stops
+    stochastic gradients, far cheaper on a fine grid). ``pairs``: (fixed, moving) feature maps (1, C, z, y, x),
+    the fixed ones on ``grid``, the moving ones on ``grid`` too, or with ``moving_frame`` (moving grid, 4x4
+    pre-alignment A: fixed LPS mm -> moving LPS mm) on the moving image's own grid, sampled at A(x + u(x)) in
+    one interpolation (:func:`rtreg.spatial.warp_through`); ``u_init`` (1, 3, z, y, x) LPS mm on ``grid``. Stops
     after ``iterations`` or ``time_budget_s`` seconds. Returns the refined field on ``grid`` (mm, detached)
     and the iterations run."""
     from .losses import bending_energy, folding_penalty
-    from .spatial import smooth, warp
+    from .spatial import smooth, warp, warp_through
     start = time.perf_counter()
     control_grid = control_grid or grid.with_spacing(2.0 * float(max(grid.spacing)))
     shape, coarse = u_init.shape[2:], control_grid.shape
@@ -168,12 +171,13 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
     control_spacing = [float(s) for s in control_grid.spacing]
     control_index_to_mm = torch.as_tensor(control_grid.affine[:3, :3], dtype=torch.float32, device=u_init.device)
 
-    def ssd(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, on: Grid, where: Optional[torch.Tensor]
-            ) -> torch.Tensor:
-        d = ((fixed - warp(moving, u, on)) ** 2).mean(1, keepdim=True)
+    def ssd(fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, on: Grid, where: Optional[torch.Tensor],
+            frame: Optional[Tuple[Grid, np.ndarray]] = None) -> torch.Tensor:
+        warped = warp(moving, u, on) if frame is None else warp_through(moving, frame[0], frame[1], u, on)
+        d = ((fixed - warped) ** 2).mean(1, keepdim=True)
         return d.mean() if where is None else (d * where).sum() / where.sum().clamp_min(1.0)
 
-    sampler = _VoxelSampler(grid, coarse, mask, samples, seed, u_init.device) if samples else None
+    sampler = _VoxelSampler(grid, coarse, mask, samples, seed, u_init.device, moving_frame) if samples else None
     coarse_sampler = _VoxelSampler(control_grid, coarse, control_mask, samples, seed + 1, u_init.device) \
         if samples and coarse_pair is not None else None
     done = 0
@@ -195,7 +199,7 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
         else:
             u = base + resize_field(step, shape)
             for w, (fixed, moving) in zip(weights, pairs):
-                loss = loss + w * ssd(fixed, moving, u, grid, mask)
+                loss = loss + w * ssd(fixed, moving, u, grid, mask, moving_frame)
         if coarse_pair is not None:
             if feature_opt is not None:
                 feature_opt.zero_grad()
@@ -218,27 +222,35 @@ def adam_refine(pairs: Sequence[tuple], u_init: torch.Tensor, grid: Grid, weight
 
 class _VoxelSampler:
     """Random voxels of a mask on ``grid`` and where a field (a full-resolution start plus a residual on the
-    control grid of shape ``coarse``, both grids over one extent) sends them, as continuous indices."""
+    control grid of shape ``coarse``, both grids over one extent) sends them, as continuous indices of
+    ``grid`` or, with ``moving_frame`` (moving grid, 4x4 A: fixed LPS mm -> moving LPS mm), of the moving
+    grid at A(x + u(x))."""
 
-    def __init__(self, grid: Grid, coarse, mask: Optional[torch.Tensor], n: int, seed: int, device: torch.device):
-        from .spatial import mm_to_index_matrix
+    def __init__(self, grid: Grid, coarse, mask: Optional[torch.Tensor], n: int, seed: int, device: torch.device,
+                 moving_frame: Optional[Tuple[Grid, np.ndarray]] = None):
         shape = grid.shape
         where = mask[0, 0].reshape(-1) > 0 if mask is not None else torch.ones(int(np.prod(shape)), dtype=torch.bool)
         self.candidates = torch.nonzero(where.to(device)).squeeze(1)
         self.n, self.shape = min(n, len(self.candidates)), shape
         self.generator = torch.Generator().manual_seed(seed)
-        self.to_index = mm_to_index_matrix(grid, device)
+        target, a = moving_frame if moving_frame is not None else (grid, np.eye(4))
+        to_index = np.linalg.inv(target.affine) @ np.asarray(a, np.float64)          # fixed mm -> target index
+        index_map = to_index @ grid.affine                                              # fixed index -> target
+        self.to_index = torch.as_tensor(to_index[:3, :3], dtype=torch.float32, device=device)
+        self.index_rot = torch.as_tensor(index_map[:3, :3], dtype=torch.float32, device=device)
+        self.index_shift = torch.as_tensor(index_map[:3, 3], dtype=torch.float32, device=device)
         self.scale = torch.tensor([(c - 1) / max(s - 1, 1) for c, s in zip(coarse[::-1], shape[::-1])],
                                   dtype=torch.float32, device=device)       # (i, j, k) -> control grid index
 
     def draw(self, base: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(flat voxel numbers (n,), their moved continuous indices (1, n, 3)) under base + upsampled residual."""
+        """(flat voxel numbers (n,), their moved continuous indices (1, n, 3) of the sampled features' grid)
+        under base + upsampled residual."""
         pick = torch.randint(len(self.candidates), (self.n,), generator=self.generator)
         flat = self.candidates[pick.to(self.candidates.device)].sort().values   # in memory order: 3x faster sampling
         nz, ny, nx = self.shape
         ijk = torch.stack([flat % nx, (flat // nx) % ny, flat // (nx * ny)], 1).to(base.dtype)[None]   # (1, n, 3)
         u = base.flatten(2)[:, :, flat] + sample_at_index(residual, ijk * self.scale)                   # (1, 3, n) mm
-        return flat, ijk + (u[0].T @ self.to_index.T)[None]
+        return flat, (ijk @ self.index_rot.T + self.index_shift) + (u[0].T @ self.to_index.T)[None]
 
 
 def inverse_consistent(forward: torch.Tensor, backward: torch.Tensor, grid: Grid, iterations: int = 10

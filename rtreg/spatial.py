@@ -7,6 +7,8 @@ normalised coordinate of -1 / +1 is the centre of the first / last voxel.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,24 @@ def warp(moving: torch.Tensor, u_mm: torch.Tensor, grid: Grid, padding: str = "b
     m = mm_to_index_matrix(grid, moving.device)
     du = torch.einsum("rc,bczyx->bzyxr", m, u_mm)
     return sample_at_index(moving, identity_index(shape, moving.device) + du, padding)
+
+
+def warp_through(moving: torch.Tensor, moving_grid: Grid, affine: np.ndarray, u_mm: Optional[torch.Tensor],
+                 grid: Grid, padding: str = "border") -> torch.Tensor:
+    """moving(A(x + u(x))) at the voxel centres x of ``grid`` (the fixed frame) for a moving image (1, C, ...)
+    on its own ``moving_grid``: the 4x4 pre-alignment ``affine`` A (fixed LPS mm -> moving LPS mm) and the
+    field u (1, 3, z, y, x) LPS mm on ``grid`` (None: zero) applied in one trilinear interpolation, so the
+    moving image is not first resampled through A and then interpolated again (which blurs it unlike the
+    fixed image wherever A is not a whole-voxel shift, and costs accuracy)."""
+    to_index = np.linalg.inv(moving_grid.affine) @ np.asarray(affine, np.float64)   # moving index of fixed mm
+    m = to_index @ grid.affine                                                       # fixed index -> moving index
+    rot = torch.as_tensor(m[:3, :3], dtype=torch.float32, device=moving.device)
+    shift = torch.as_tensor(m[:3, 3], dtype=torch.float32, device=moving.device)
+    index = identity_index(grid.shape, moving.device) @ rot.T + shift
+    if u_mm is not None:
+        per_mm = torch.as_tensor(to_index[:3, :3], dtype=torch.float32, device=moving.device)
+        index = index + torch.einsum("rc,bczyx->bzyxr", per_mm, u_mm)
+    return sample_at_index(moving, index, padding)
 
 
 def warp_voxels(image: torch.Tensor, u_voxels: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 After the pre-alignment A (fixed -> moving, rigid by default), on the fixed image's working grid W (the
 working spacing) and a grid C of half its resolution:
 
-1. **Local features**: MIND-SSC (12 channels) of the fixed image and of the moving image through A, on W.
+1. **Local features**: MIND-SSC (12 channels) of the fixed image on W and of the moving image on its own
+   grid at W's spacing (both resampled alike: :func:`rtreg.methods.io.pyramid`); the convex stages read the
+   moving features through A on W, the Adam stage samples them at A(x + u(x)) in one interpolation.
 2. **Global features** (:mod:`rtreg.global_features`): the shipped contrast-invariant encoder's features (or
    SAM2 slice features, with the ``sam2`` package and a checkpoint), reduced to 12 channels by a small VAE
    fitted on the fixed and moving features of this case (or by PCA, the ablation), scaled to MIND's spread.
@@ -58,7 +60,7 @@ from ..models import load_weights
 from ..nets.glide import build_encoder
 from ..prealign import prealign
 from ..spatial import compose_fields, field_to_array, resample_on_grid, warp
-from .io import normalised_images, prealign_similarity, pyramid, registration_masks
+from .io import Level, normalised_images, prealign_similarity, pyramid, registration_masks
 
 NAME = "glide"
 ENCODER_WEIGHTS = "glide_features.pt"
@@ -171,6 +173,12 @@ def _convex(u_g: Optional[torch.Tensor], local_pair: Optional[Tuple], grid: Grid
     return u_l if u_g is None else compose_fields(u_g, u_l, grid)
 
 
+def _local_features(fine: Level) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MIND-SSC of the fixed image on the working grid and of the moving image on its own grid at the working
+    spacing (``fine.moving_grid``; :meth:`rtreg.methods.io.Level.warped` takes it through A and a field)."""
+    return mind_ssc(fine.fixed), mind_ssc(fine.moving)
+
+
 def _ssd(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((((a - b) ** 2).mean(1, keepdim=True) * mask).sum() / mask.sum().clamp_min(1.0))
 
@@ -204,7 +212,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     coarse, fine = pyramid(f_norm, m_norm, fixed_mask, affine, options.working_spacing_mm, [0, 0], device)
     grid = fine.grid
     progress(0.2, "local features (MIND-SSC)")
-    local = (mind_ssc(fine.fixed), mind_ssc(fine.moving)) if stages != "global" else None
+    local = _local_features(fine) if stages != "global" else None
     glob = None
     if stages != "local":
         progress(0.25, "global features")
@@ -212,7 +220,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         if glob is None:
             if stages == "global":
                 raise InputError(messages[-1].replace("alone", "but stages=global asks for the global ones"))
-            local = local if local is not None else (mind_ssc(fine.fixed), mind_ssc(fine.moving))
+            local = local if local is not None else _local_features(fine)
             qa["stages"] = "local (fallback)"
         else:
             progress(0.35, f"reducing the global features ({reduction})")
@@ -225,10 +233,11 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     global_w = glob.on_grid(grid) if glob is not None else None
     try:
         u_g = _global_field(global_w, grid) if global_w is not None else None
-        u = _convex(u_g, local, grid)
+        local_on_grid = (local[0], fine.warped(local[1])) if local is not None else None   # through A
+        u = _convex(u_g, local_on_grid, grid)
         if u_g is not None and local is not None:
-            local_only = _convex(None, local, grid)
-            with_global, without = (_ssd(local[0], warp(local[1], v, grid), fine.mask) for v in (u, local_only))
+            local_only = _convex(None, local_on_grid, grid)
+            with_global, without = (_ssd(local[0], fine.warped(local[1], v), fine.mask) for v in (u, local_only))
             qa["local_ssd_after_convex"] = {"global-to-local": with_global, "local only": without}
             if with_global >= without and options.extra.get("global_guard", True):
                 messages.append(f"the global convex stage was dropped: with it the convex stages end at a local "
@@ -240,7 +249,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
                 qa["stages"] = "local (global stage dropped)"
         if options.extra.get("inverse_consistency", False):
             backward = _convex(_global_field(global_w[::-1], grid) if global_w is not None else None,
-                               local[::-1] if local is not None else None, grid)
+                               local_on_grid[::-1] if local is not None else None, grid)
             u, _ = inverse_consistent(u, backward, grid)
     except ValueError as exc:
         raise InputError(f"the image is too small for GlideReg at {options.working_spacing_mm:g} mm: {exc}; "
@@ -258,7 +267,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     u, done = adam_refine(list(named.values()), u_start, grid, [BETA] * len(named), bending, iterations,
                           lr_mm=ADAM_LR_MM, control_grid=coarse.grid, mask=fine.mask, coarse_pair=global_pair,
                           control_mask=coarse.mask, time_budget_s=options.time_budget_s, samples=ADAM_SAMPLES,
-                          seed=options.seed, folding_weight=folding, progress=lambda f, m: progress(0.6 + 0.35 * f, m))
+                          seed=options.seed, folding_weight=folding, moving_frame=(fine.moving_grid, fine.affine),
+                          progress=lambda f, m: progress(0.6 + 0.35 * f, m))
     t_adam = time.perf_counter()
     if global_pair is not None:
         with torch.no_grad():
@@ -266,7 +276,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     u_start_coarse, u_coarse = (resample_on_grid(x, grid, coarse.grid) for x in (u_start, u))
     for key, field in (("ssd_after_prealignment", None), ("ssd_after_convex", (u_start, u_start_coarse)),
                        ("ssd_after", (u, u_coarse))):
-        qa[key] = {k: _ssd(a, b if field is None else warp(b, field[0], grid), fine.mask) for k, (a, b) in named.items()}
+        qa[key] = {k: _ssd(a, fine.warped(b, None if field is None else field[0]), fine.mask)
+                   for k, (a, b) in named.items()}
         if glob is not None:
             a, b = final_global
             qa[key]["global"] = _ssd(a, b if field is None else warp(b, field[1], coarse.grid), coarse.mask)

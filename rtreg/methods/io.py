@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
-from ..field import SpatialTransform, affine_to_sitk, moving_coverage, resample_field
+from ..field import SpatialTransform, moving_coverage, resample_field
 from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
 from ..losses import bending_energy, diffusion, mind_ssc, ncc_local
 from ..memory import check_memory
 from ..prealign import prealign
 from ..priors import body_mask
-from ..spatial import field_to_array, resize_field, smooth, to_tensor, warp
+from ..spatial import field_to_array, resize_field, smooth, to_tensor, warp_through
 
 NAME = "io"
 ITERATIONS_PER_LEVEL = [80, 60]     # at twice the working spacing, then at the working spacing
@@ -52,11 +52,21 @@ def prealign_similarity(case: RegistrationCase, similarity: str) -> str:
 
 @dataclass
 class Level:
+    """One resolution level: the fixed image on ``grid`` (the fixed frame at this level's spacing), the
+    moving image on ``moving_grid`` (its own axes at this spacing: resampled the same way as the fixed one),
+    the pre-alignment ``affine`` (fixed LPS mm -> moving LPS mm) and where similarity counts."""
     grid: Grid
-    fixed: torch.Tensor      # (1, 1, z, y, x) normalised fixed image
-    moving: torch.Tensor     # (1, 1, z, y, x) moving(A(x)) on the same grid
-    mask: torch.Tensor       # (1, 1, z, y, x) where similarity counts
+    fixed: torch.Tensor      # (1, 1, z, y, x) normalised fixed image on grid
+    moving: torch.Tensor     # (1, 1, z', y', x') normalised moving image on moving_grid
+    moving_grid: Grid
+    affine: np.ndarray
+    mask: torch.Tensor       # (1, 1, z, y, x) on grid
     iterations: int
+
+    def warped(self, moving: torch.Tensor, u: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``moving`` (1, C, ...) on ``moving_grid`` (the image or features of it) at A(x + u(x)) on ``grid``:
+        one interpolation (:func:`rtreg.spatial.warp_through`); u (1, 3, z, y, x) LPS mm, None: zero."""
+        return warp_through(moving, self.moving_grid, self.affine, u, self.grid)
 
 
 def normalised_images(case: RegistrationCase, fixed_mask: np.ndarray, moving_mask: np.ndarray
@@ -69,20 +79,22 @@ def normalised_images(case: RegistrationCase, fixed_mask: np.ndarray, moving_mas
 def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.ndarray, spacing_mm: float,
             iterations: List[int], device: torch.device) -> List[Level]:
     """One level per entry of ``iterations``, coarsest first, ending at ``spacing_mm`` (each level halves the
-    spacing) on the fixed grid: the normalised images (moving through the
-    pre-alignment ``affine``), anti-aliased, and the fixed mask widened by 2 voxels where the pre-aligned moving
+    spacing): the normalised images, anti-aliased, each on its own axes at the level's spacing (the fixed one
+    on the fixed frame's grid, the moving one on its own: the pre-alignment ``affine`` is applied with the
+    field, in :meth:`Level.warped`), and the fixed mask widened by 2 voxels where the pre-aligned moving
     image has data (:func:`rtreg.field.moving_coverage`)."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
         sp = spacing_mm * 2 ** (n - 1 - i)
-        g = f_norm.grid.with_spacing(sp)
+        g, mg = f_norm.grid.with_spacing(sp), m_norm.grid.with_spacing(sp)
         f = resample(smooth_for_downsampling(f_norm, sp), g)
-        m = resample(smooth_for_downsampling(m_norm, sp), g, "linear", affine_to_sitk(affine), 0.0)
+        m = resample(smooth_for_downsampling(m_norm, sp), mg)
         mk = resample(f_norm.with_array(fixed_mask), g, "mask").array
         mk_t = F.max_pool3d(to_tensor(mk, device), 5, stride=1, padding=2)  # a 2-voxel margin around the mask
         mk_t = mk_t * to_tensor(moving_coverage(m_norm.grid, affine, g), device)
-        levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mk_t, n_it))
+        levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mg,
+                            np.asarray(affine, np.float64), mk_t, n_it))
     return levels
 
 
@@ -167,7 +179,7 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
         params = init.clone().requires_grad_(True)
         opt = torch.optim.Adam([params], lr=0.25 * float(np.mean(spacing)))
         if similarity == "mind":
-            f_feat, m_feat = mind_ssc(lv.fixed), mind_ssc(lv.moving)
+            f_feat, m_feat = mind_ssc(lv.fixed), mind_ssc(lv.moving)   # each on its own grid
         else:
             f_feat, m_feat = lv.fixed, lv.moving
         for _ in range(lv.iterations):
@@ -176,7 +188,7 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
                 break
             opt.zero_grad()
             u_l = base + smooth(resize_field(params, shape))
-            sim = _similarity(similarity, f_feat, warp(m_feat, u_l, lv.grid), lv.mask)
+            sim = _similarity(similarity, f_feat, lv.warped(m_feat, u_l), lv.mask)
             loss = -sim + weight * reg_fn(u_l, spacing)
             loss.backward()
             opt.step()
@@ -187,10 +199,10 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
         with torch.no_grad():
             residual = smooth(resize_field(params.detach(), shape))
             u = base + residual
-            qa[f"similarity_after_level{li + 1}"] = _similarity(similarity, f_feat, warp(m_feat, u, lv.grid),
+            qa[f"similarity_after_level{li + 1}"] = _similarity(similarity, f_feat, lv.warped(m_feat, u),
                                                                lv.mask).item()
     qa["similarity_after"] = qa[f"similarity_after_level{len(levels)}"]
     with torch.no_grad():  # on the finest level, after pre-alignment only
-        qa["similarity_before"] = _similarity(similarity, f_feat, m_feat, levels[-1].mask).item()
+        qa["similarity_before"] = _similarity(similarity, f_feat, levels[-1].warped(m_feat), levels[-1].mask).item()
     qa["optimisation_s"] = time.perf_counter() - start
     return u.detach(), qa

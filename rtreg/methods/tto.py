@@ -36,7 +36,7 @@ import copy
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from ..models import load_weights
 from ..netgrid import edge_taper, network_images, spacing_for_budget, working_grid
 from ..nets.tto import RegUNet, build, on_device
 from ..prealign import prealign
-from ..spatial import field_to_array, to_tensor, voxels_to_mm, warp_voxels
+from ..spatial import field_to_array, to_tensor, voxels_to_mm, warp_through, warp_voxels
 from . import io
 
 NAME = "tto"
@@ -111,9 +111,13 @@ def check_weight_averaging(value: object) -> float:
 def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor, use_ncc: bool,
           iterations: int, seconds: float, smooth_weight: float = SMOOTH_WEIGHT,
           learning_rate: float = LEARNING_RATE, weight_averaging: float = WEIGHT_AVERAGING,
-          folding_weight: float = FOLDING_WEIGHT, progress: Progress = no_progress) -> Dict[str, object]:
+          folding_weight: float = FOLDING_WEIGHT, warp_moving: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+          progress: Progress = no_progress) -> Dict[str, object]:
     """Optimise ``net``'s weights in place on one pair (fixed, moving: (1, 1, z, y, x) in [0, 1] on the working
     grid; mask (1, 1, z, y, x)); stops at ``iterations`` or ``seconds``. Returns what happened (QA).
+    ``warp_moving``: the moving image the similarity compares for a field (1, 3, z, y, x) in working voxels
+    (:meth:`WorkingPair.warped`: one interpolation from the moving image's own grid); default: ``moving``
+    warped by it.
 
     ``net`` ends with the exponential moving average of its weights over the iterations (each step moves the
     average by 1 - ``weight_averaging`` towards the new weights; 0 keeps the last iterate). Adam at this
@@ -134,7 +138,7 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
             break
         opt.zero_grad()
         u = net(fixed, moving)
-        warped = warp_voxels(moving, u)
+        warped = warp_voxels(moving, u) if warp_moving is None else warp_moving(u)
         mi = multi_axis_mi(fixed, warped, mask)
         loss = -mi + smooth_weight * diffusion(u, [1.0, 1.0, 1.0]) + DIVERGENCE_WEIGHT * divergence_penalty(
             u, [1.0, 1.0, 1.0])
@@ -164,7 +168,9 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
 @dataclass
 class WorkingPair:
     """A pair on TTORegister's working grid: ``fixed``, ``moving`` (the moving image through the
-    pre-alignment ``affine``, fixed -> moving LPS) and ``mask`` as (1, 1, z, y, x) tensors; the images
+    pre-alignment ``affine``, fixed -> moving LPS: the network's input) and ``mask`` as (1, 1, z, y, x)
+    tensors; ``moving_own``, the moving image on ``moving_grid`` (its own axes at the working spacing), which
+    the similarity reads through A and the field in one interpolation (:meth:`warped`); the images
     normalised to [0, 1] on their own grids and the fixed body mask, for the QA maps; ``prealign_s``: the
     seconds the pre-alignment took."""
 
@@ -178,6 +184,13 @@ class WorkingPair:
     m_norm: Volume
     fixed_mask: np.ndarray
     prealign_s: float
+    moving_own: torch.Tensor
+    moving_grid: Grid
+
+    def warped(self, u_voxels: torch.Tensor) -> torch.Tensor:
+        """moving(A(x + u(x))) on the working grid for u (1, 3, z, y, x) in its voxels, in one interpolation."""
+        return warp_through(self.moving_own, self.moving_grid, self.affine, voxels_to_mm(u_voxels, self.grid),
+                            self.grid)
 
 
 def working_pair(case: RegistrationCase, options: RegisterOptions, device: torch.device, messages: List[str],
@@ -198,11 +211,13 @@ def working_pair(case: RegistrationCase, options: RegisterOptions, device: torch
     prealign_s = time.perf_counter() - t0
     f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
     f_img, m_img = network_images(f_norm, m_norm, affine, grid)
+    moving_grid = m_norm.grid.with_spacing(spacing, finer=True)
+    m_own = resample(smooth_for_downsampling(m_norm, spacing), moving_grid).array
     body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
     mask = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2) * to_tensor(
         moving_coverage(case.moving.grid, affine, grid), device)      # the similarity counts where both have data
     return WorkingPair(grid, affine, to_tensor(f_img, device), to_tensor(m_img, device), mask, use_ncc,
-                       f_norm, m_norm, fixed_mask, prealign_s)
+                       f_norm, m_norm, fixed_mask, prealign_s, to_tensor(m_own, device), moving_grid)
 
 
 def network_transform(net: RegUNet, pair: WorkingPair, fixed_grid: Grid) -> SpatialTransform:
@@ -244,7 +259,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
             SMOOTH_WEIGHT
         qa.update(adapt(net, pair.fixed, pair.moving, pair.mask, pair.use_ncc, iterations, seconds, smooth_weight,
                         float(options.extra.get("learning_rate", LEARNING_RATE)), averaging, folding,
-                        lambda f, m: progress(0.2 + 0.7 * f, m)))
+                        pair.warped, lambda f, m: progress(0.2 + 0.7 * f, m)))
     t_adapt = time.perf_counter()
     transform = network_transform(net, pair, case.fixed.grid)
     t_net = time.perf_counter()
