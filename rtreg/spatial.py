@@ -104,10 +104,7 @@ def voxels_to_mm(u_voxels: torch.Tensor, grid: Grid) -> torch.Tensor:
 def resample_on_grid(volume: torch.Tensor, source: Grid, target: Grid, padding: str = "border") -> torch.Tensor:
     """(1, C, z, y, x) values on ``source`` -> (1, C, Z, Y, X) on ``target``, trilinear at the target's voxel
     centres (world LPS mm, so any two grids in one frame work; mm fields keep their values)."""
-    m = np.linalg.inv(source.affine) @ target.affine                   # target index -> source index
-    rot = torch.as_tensor(m[:3, :3], dtype=torch.float32, device=volume.device)
-    shift = torch.as_tensor(m[:3, 3], dtype=torch.float32, device=volume.device)
-    return sample_at_index(volume, identity_index(target.shape, volume.device) @ rot.T + shift, padding)
+    return warp_through(volume, source, np.eye(4), None, target, padding)
 
 
 def compose_fields(u_first: torch.Tensor, u_second: torch.Tensor, grid: Grid) -> torch.Tensor:
