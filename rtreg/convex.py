@@ -98,7 +98,7 @@ def control_field_mm(fixed_features: torch.Tensor, moving_features: torch.Tensor
                          f"points of {step} voxels along an axis")
     cost = ssd_cost_volume(f_p, m_p, radius)
     steps = candidate_offsets(radius, cost.device).to(torch.float64) * step           # working voxels (i, j, k)
-    offsets_mm = (steps @ torch.as_tensor(grid.affine[:3, :3]).T).to(torch.float32)   # LPS mm
+    offsets_mm = (steps @ torch.as_tensor(grid.affine[:3, :3], device=steps.device).T).to(torch.float32)   # LPS mm
     u_coarse = coupled_convex(cost, offsets_mm.to(cost.device), couplings)
     return _upsample_patch_field(u_coarse, fixed_features.shape[2:], step)
 
