@@ -129,3 +129,76 @@ def test_moving_coverage_marks_where_the_moving_image_has_data():
     by_resampling = resample(ones, fixed_grid, "linear", affine_to_sitk(a), 0.0).array > 0.999
     cover = moving_coverage(moving_grid, a, fixed_grid)
     assert 0 < cover.sum() < cover.size and np.mean(cover.astype(bool) != by_resampling) < 1e-3
+
+
+def test_moving_view_keeps_the_part_the_fixed_grid_maps_onto_and_its_voxel_centres():
+    import torch
+    from rtreg.field import moving_view
+    from rtreg.spatial import to_tensor, warp_through
+    # a head-sized fixed box inside a whole-body moving image, both 4 mm: x 400, y 320, z 1200 mm
+    moving_grid = Grid.from_geometry((300, 80, 100), (4.0, 4.0, 4.0), (-200.0, -160.0, -900.0))
+    fixed_grid = oblique_grid((30, 40, 40), (4.0, 4.0, 4.0), (-60.0, -70.0, 0.0), (5.0, -4.0, 10.0))
+    a = rigid_matrix((6.0, -3.0, 8.0), (5.0, -8.0, 4.0), fixed_grid.center())
+    view = moving_view(moving_grid, a, fixed_grid, margin_mm=20.0)
+    assert view.n_voxels < 0.25 * moving_grid.n_voxels
+    # the same axes and voxel centres: the view's origin is a voxel centre of the moving grid
+    np.testing.assert_allclose(view.affine[:3, :3], moving_grid.affine[:3, :3])
+    lo = moving_grid.world_to_index(view.affine[None, :3, 3])[0]
+    np.testing.assert_allclose(lo, np.round(lo), atol=1e-9)
+    # every fixed voxel centre through A lies inside the view, at least the margin from its edge
+    ijk = view.world_to_index(fixed_grid.world_points().reshape(-1, 3) @ a[:3, :3].T + a[:3, 3])
+    assert (ijk.min(0) >= 20.0 / 4.0 - 1e-6).all() and (ijk.max(0) <= np.array(view.size_xyz) - 1 - 5.0).all()
+    # the moving image read through A from the view equals it read from the whole image
+    image = smooth_image(moving_grid, seed=3)
+    k0, j0, i0 = np.round(lo[::-1]).astype(int)
+    part = image.array[k0:k0 + view.shape[0], j0:j0 + view.shape[1], i0:i0 + view.shape[2]]
+    u = torch.full((1, 3) + fixed_grid.shape, 7.0)           # a 12 mm displacement, inside the 20 mm margin
+    whole = warp_through(to_tensor(image.array, "cpu"), moving_grid, a, u, fixed_grid)
+    viewed = warp_through(to_tensor(part, "cpu"), view, a, u, fixed_grid)
+    torch.testing.assert_close(viewed, whole, atol=0.02, rtol=0)   # image std 100: float32 index rounding only
+    # a fixed box that maps outside the moving image gets a one-voxel view at the nearest edge, not an error
+    far = np.eye(4)
+    far[2, 3] = 5000.0
+    assert moving_view(moving_grid, far, fixed_grid).shape[0] == 1
+
+
+def test_io_levels_hold_the_moving_image_only_where_the_fixed_grid_maps():
+    from rtreg.methods.io import pyramid
+    moving_grid = Grid.from_geometry((200, 60, 60), (4.0, 4.0, 4.0), (-120.0, -120.0, -500.0))
+    fixed_grid = Grid.from_geometry((20, 30, 30), (4.0, 4.0, 4.0), (-60.0, -60.0, -40.0))
+    moving = smooth_image(moving_grid, seed=4)
+    fixed = resample(moving, fixed_grid)
+    levels = pyramid(fixed, moving, np.ones(fixed_grid.shape, np.uint8), np.eye(4), 4.0, [1, 1], "cpu")
+    for level in levels:
+        whole = moving_grid.with_spacing(float(level.grid.spacing[0]))
+        assert level.moving_grid.shape[0] < 0.6 * whole.shape[0]
+        assert tuple(level.moving.shape[2:]) == level.moving_grid.shape
+
+
+def test_moving_view_runs_like_the_fixed_axes_so_mind_channels_correspond():
+    """A moving image stored with its axes reversed and swapped (a DICOM series against a NIfTI) is held on a
+    view whose axes run like the fixed grid's: its MIND-SSC read through A equals the fixed image's channel for
+    channel. On the moving image's own axes the channels would compare other neighbours."""
+    import torch
+    from rtreg.field import moving_view
+    from rtreg.losses import mind_ssc
+    from rtreg.spatial import to_tensor, warp_through
+    fixed = smooth_image(Grid.from_geometry((20, 24, 28), (2.0, 2.0, 2.0), (-30.0, -20.0, -10.0)), seed=5)
+    stored = np.ascontiguousarray(np.flip(fixed.array, (1, 2)).transpose(1, 0, 2))   # y, x reversed; z and y swapped
+    a = np.zeros((4, 4))
+    a[:3, 0] = fixed.affine[:3, 0] * -1            # index i: x, reversed
+    a[:3, 1] = fixed.affine[:3, 2]                 # index j: z
+    a[:3, 2] = fixed.affine[:3, 1] * -1            # index k: y, reversed
+    a[:3, 3] = fixed.grid.index_to_world(np.array([[27.0, 23.0, 0.0]]))[0]
+    a[3, 3] = 1.0
+    moving = Volume(stored, a)
+    np.testing.assert_allclose(resample(moving, fixed.grid).array, fixed.array, atol=1e-3)   # the same image
+    view = moving_view(moving.grid, np.eye(4), fixed.grid)
+    np.testing.assert_allclose(view.direction, fixed.grid.direction, atol=1e-9)
+    held = to_tensor(resample(moving, view).array, "cpu")
+    expected = mind_ssc(to_tensor(fixed.array, "cpu"))
+    through_view = warp_through(mind_ssc(held), view, np.eye(4), None, fixed.grid)
+    torch.testing.assert_close(through_view, expected, atol=1e-4, rtol=1e-4)
+    own = to_tensor(moving.array, "cpu")
+    through_own = warp_through(mind_ssc(own), moving.grid, np.eye(4), None, fixed.grid)
+    assert (through_own - expected).abs().max() > 0.1                  # what the fix avoids

@@ -14,7 +14,7 @@ from scipy import ndimage
 from conftest import oblique_grid, smooth_field, smooth_image
 from rtreg.case import RegisterOptions, RegistrationCase
 from rtreg.errors import InputError
-from rtreg.image import Grid, Volume, write_volume
+from rtreg.image import Grid, Volume, resample, write_volume
 from rtreg.losses import mind_ssc
 from rtreg.spatial import resample_on_grid, to_tensor, warp
 from rtreg.synth import rt_phantom
@@ -362,3 +362,28 @@ def test_a_sub_voxel_pre_alignment_is_undone_without_blurring_the_moving_image()
     inner = image[0, 0, 2:-2, 2:-2, 2:-2]
     assert torch.allclose(once, inner, atol=1e-3)
     assert float((twice - inner).abs().mean()) > 0.1 * float(inner.std())
+
+
+def _stored_reversed(volume: Volume) -> Volume:
+    """The same image with its x and y index axes stored reversed (as a DICOM series is against a NIfTI)."""
+    a = volume.affine.copy()
+    a[:3, 3] = volume.grid.index_to_world(np.array([[volume.grid.size_xyz[0] - 1, volume.grid.size_xyz[1] - 1, 0]],
+                                                   dtype=np.float64))[0]
+    a[:3, :2] *= -1
+    return Volume(np.ascontiguousarray(volume.array[:, ::-1, ::-1]), a, dict(volume.meta))
+
+
+@pytest.mark.parametrize("method", ["glide", "io-mind"])
+def test_the_answer_does_not_depend_on_how_the_moving_voxels_are_stored(phantom, method):
+    """MIND-SSC features of the moving image are computed on axes that run like the fixed image's
+    (:func:`rtreg.field.moving_view`), so storing the repeat CT with reversed axes changes nothing (before, a
+    DICOM repeat against a NIfTI planning CT compared mismatched channels: GlideReg's organ Dice on an
+    inter-subject pair fell from 0.65 to 0.23)."""
+    from rtreg.methods import get_method
+    flipped = _stored_reversed(phantom.repeat)
+    np.testing.assert_allclose(resample(flipped, phantom.repeat.grid).array, phantom.repeat.array, atol=1e-3)
+    name, similarity = ("glide", "auto") if method == "glide" else ("io", "mind")
+    options = RegisterOptions(device="cpu", working_spacing_mm=5.0, similarity=similarity)
+    plain = get_method(name)(RegistrationCase(phantom.planning, phantom.repeat), options)
+    stored = get_method(name)(RegistrationCase(phantom.planning, flipped), options)
+    assert abs(_tre(stored, phantom) - _tre(plain, phantom)) < 0.1, (_tre(plain, phantom), _tre(stored, phantom))

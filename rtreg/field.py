@@ -14,6 +14,7 @@ iterating), reproduces ITK's evaluation and is tested against it.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -67,6 +68,63 @@ def moving_coverage(moving_grid: Grid, affine: np.ndarray, grid: Grid) -> np.nda
         index = r[0] * i[None, None, :] + r[1] * j[None, :, None] + r[2] * k[:, None, None] + r[3]
         inside &= (index >= -0.5) & (index < n - 0.5)  # ITK's buffer: half a voxel past the edge centres
     return inside.astype(np.uint8)
+
+
+VIEW_MARGIN_MM = 50.0
+"""How far past the part of the moving image that the fixed grid maps onto a working copy of it reaches: more
+than any displacement a deformable stage adds after pre-alignment (samples beyond it read the edge value)."""
+
+
+def _oriented_like(moving_grid: Grid, axes: np.ndarray) -> Grid:
+    """``moving_grid``'s lattice (the same voxel centres) with its axes reordered and reversed so that index axis
+    k runs as close as a signed permutation allows along the LPS direction ``axes[:, k]``."""
+    unit = moving_grid.direction
+    cos = unit.T @ (axes / np.linalg.norm(axes, axis=0))                    # moving axis p vs wanted axis k
+    perm = max(itertools.permutations(range(3)), key=lambda q: sum(abs(cos[q[k], k]) for k in range(3)))
+    signs = [1.0 if cos[perm[k], k] >= 0 else -1.0 for k in range(3)]
+    size, spacing = np.array(moving_grid.size_xyz), moving_grid.spacing
+    first = np.zeros(3)                                             # moving ijk of the new first voxel
+    for k in range(3):
+        if signs[k] < 0:
+            first[perm[k]] = size[perm[k]] - 1                     # a reversed axis starts at the far voxel
+    a = np.eye(4)
+    for k in range(3):
+        a[:3, k] = signs[k] * spacing[perm[k]] * unit[:, perm[k]]
+    a[:3, 3] = moving_grid.index_to_world(first[None])[0]
+    return Grid(tuple(int(size[perm[k]]) for k in (2, 1, 0)), a)
+
+
+def moving_view(moving_grid: Grid, affine: np.ndarray, grid: Grid, margin_mm: float = VIEW_MARGIN_MM) -> Grid:
+    """Where a registration holds the moving image on a working ``grid`` (the fixed frame at some spacing): the
+    moving image's axes, reordered and reversed to run like ``grid``'s axes mapped through the 4x4 ``affine``
+    (``grid``'s LPS mm -> the moving image's LPS mm), at ``grid``'s spacing along each, from the moving image's
+    first voxel centre (so at the moving image's own spacing nothing is interpolated), cropped to the part
+    that ``grid``'s box maps onto, widened by ``margin_mm`` on every side (clipped, at least one voxel).
+
+    Orientation and spacing matter to local descriptors: MIND-SSC's channels compare neighbours one voxel
+    step along the index axes, so the moving image's features match the fixed image's channel for channel
+    only on axes that run alike with the same steps (a DICOM series against a NIfTI, a head-first against a
+    feet-first scan, 5 mm slices against 2 mm). The crop bounds the memory when the moving field of view is
+    much larger than the fixed one (a whole-body repeat CT against a head planning CT)."""
+    oriented = _oriented_like(moving_grid, np.asarray(affine, np.float64)[:3, :3] @ grid.direction)
+    extent = (np.array(oriented.size_xyz) - 1) * oriented.spacing
+    steps = grid.spacing
+    sized = np.eye(4)
+    sized[:3, :3] = oriented.direction * steps
+    sized[:3, 3] = oriented.origin
+    sized = Grid(tuple(int(v) for v in (np.floor(extent / steps + 1e-6).astype(int) + 1)[::-1]), sized)
+    n = np.array(grid.size_xyz, dtype=np.float64)
+    corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5)
+                        for c in (-0.5, n[2] - 0.5)])                                        # grid ijk
+    to_index = np.linalg.inv(sized.affine) @ np.asarray(affine, np.float64) @ grid.affine
+    ijk = corners @ to_index[:3, :3].T + to_index[:3, 3]                                 # view ijk
+    pad = margin_mm / steps
+    size = np.array(sized.size_xyz)
+    lo = np.clip(np.floor(ijk.min(0) - pad), 0, size - 1).astype(int)
+    hi = np.clip(np.ceil(ijk.max(0) + pad), lo, size - 1).astype(int)
+    a = sized.affine.copy()
+    a[:3, 3] = sized.index_to_world(lo[None].astype(np.float64))[0]
+    return Grid(tuple(int(s) for s in (hi - lo + 1)[::-1]), a)
 
 
 def field_to_sitk_transform(field: Volume) -> sitk.DisplacementFieldTransform:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
-from ..field import SpatialTransform, moving_coverage, resample_field
+from ..field import SpatialTransform, moving_coverage, moving_view, resample_field
 from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
 from ..losses import bending_energy, diffusion, mind_ssc, ncc_local
 from ..memory import check_memory
@@ -53,8 +53,9 @@ def prealign_similarity(case: RegistrationCase, similarity: str) -> str:
 @dataclass
 class Level:
     """One resolution level: the fixed image on ``grid`` (the fixed frame at this level's spacing), the
-    moving image on ``moving_grid`` (its own axes at this spacing: resampled the same way as the fixed one),
-    the pre-alignment ``affine`` (fixed LPS mm -> moving LPS mm) and where similarity counts."""
+    moving image on ``moving_grid`` (:func:`rtreg.field.moving_view`: its own field of view where the fixed
+    grid maps onto it, on axes that run like the fixed grid's at the same spacing; resampled the same way as
+    the fixed one), the pre-alignment ``affine`` (fixed LPS mm -> moving LPS mm) and where similarity counts."""
     grid: Grid
     fixed: torch.Tensor      # (1, 1, z, y, x) normalised fixed image on grid
     moving: torch.Tensor     # (1, 1, z', y', x') normalised moving image on moving_grid
@@ -79,15 +80,16 @@ def normalised_images(case: RegistrationCase, fixed_mask: np.ndarray, moving_mas
 def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.ndarray, spacing_mm: float,
             iterations: List[int], device: torch.device) -> List[Level]:
     """One level per entry of ``iterations``, coarsest first, ending at ``spacing_mm`` (each level halves the
-    spacing): the normalised images, anti-aliased, each on its own axes at the level's spacing (the fixed one
-    on the fixed frame's grid, the moving one on its own: the pre-alignment ``affine`` is applied with the
-    field, in :meth:`Level.warped`), and the fixed mask widened by 2 voxels where the pre-aligned moving
+    spacing): the normalised images, anti-aliased, each on a grid of its own at the level's spacing (the fixed
+    one on the fixed frame's grid, the moving one on its own field of view, :func:`rtreg.field.moving_view`:
+    the pre-alignment ``affine`` is applied with the field, in :meth:`Level.warped`), and the fixed mask widened by 2 voxels where the pre-aligned moving
     image has data (:func:`rtreg.field.moving_coverage`)."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
         sp = spacing_mm * 2 ** (n - 1 - i)
-        g, mg = f_norm.grid.with_spacing(sp), m_norm.grid.with_spacing(sp)
+        g = f_norm.grid.with_spacing(sp)
+        mg = moving_view(m_norm.grid, affine, g)
         f = resample(smooth_for_downsampling(f_norm, sp), g)
         m = resample(smooth_for_downsampling(m_norm, sp), mg)
         mk = resample(f_norm.with_array(fixed_mask), g, "mask").array

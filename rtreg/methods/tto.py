@@ -46,7 +46,7 @@ from ..case import (Progress, RegisterOptions, RegistrationCase, RegistrationRes
                     no_progress, option_number)
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
-from ..field import SpatialTransform, moving_coverage, resample_field, warp
+from ..field import SpatialTransform, moving_coverage, moving_view, resample_field, warp
 from ..image import Grid, Volume, resample, smooth_for_downsampling
 from ..losses import diffusion, divergence_penalty, folding_penalty, multi_axis_mi, ncc_local
 from ..memory import check_memory
@@ -169,7 +169,8 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
 class WorkingPair:
     """A pair on TTORegister's working grid: ``fixed``, ``moving`` (the moving image through the
     pre-alignment ``affine``, fixed -> moving LPS: the network's input) and ``mask`` as (1, 1, z, y, x)
-    tensors; ``moving_own``, the moving image on ``moving_grid`` (its own axes at the working spacing), which
+    tensors; ``moving_own``, the moving image on ``moving_grid`` (its own field of view at the working
+    spacing, where the working grid maps onto it: :func:`rtreg.field.moving_view`), which
     the similarity reads through A and the field in one interpolation (:meth:`warped`); the images
     normalised to [0, 1] on their own grids and the fixed body mask, for the QA maps; ``prealign_s``: the
     seconds the pre-alignment took."""
@@ -211,7 +212,7 @@ def working_pair(case: RegistrationCase, options: RegisterOptions, device: torch
     prealign_s = time.perf_counter() - t0
     f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
     f_img, m_img = network_images(f_norm, m_norm, affine, grid)
-    moving_grid = m_norm.grid.with_spacing(spacing, finer=True)
+    moving_grid = moving_view(m_norm.grid, affine, grid)
     m_own = resample(smooth_for_downsampling(m_norm, spacing), moving_grid).array
     body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
     mask = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2) * to_tensor(
