@@ -33,7 +33,7 @@ def one(method: str, margin_mm: float) -> dict:
     from rtreg.metrics import tre
     from rtreg.synth import rt_phantom
     torch.set_num_threads(2)
-    field.moving_view.__defaults__ = (margin_mm,)                     # every caller's margin
+    field.VIEW_MARGIN_MM = margin_mm                                   # every caller's margin
     c = rt_phantom("pelvis", seed=11, spacing_mm=2.0)
     a = c.repeat.array
     longer = np.concatenate([a[::-1], a, a[::-1]], axis=0)            # z: mirrored above and below

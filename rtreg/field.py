@@ -94,7 +94,7 @@ def _oriented_like(moving_grid: Grid, axes: np.ndarray) -> Grid:
     return Grid(tuple(int(size[perm[k]]) for k in (2, 1, 0)), a)
 
 
-def moving_view(moving_grid: Grid, affine: np.ndarray, grid: Grid, margin_mm: float = VIEW_MARGIN_MM) -> Grid:
+def moving_view(moving_grid: Grid, affine: np.ndarray, grid: Grid, margin_mm: Optional[float] = None) -> Grid:
     """Where a registration holds the moving image on a working ``grid`` (the fixed frame at some spacing): the
     moving image's axes, reordered and reversed to run like ``grid``'s axes mapped through the 4x4 ``affine``
     (``grid``'s LPS mm -> the moving image's LPS mm), at ``grid``'s spacing along each, from the moving image's
@@ -105,7 +105,9 @@ def moving_view(moving_grid: Grid, affine: np.ndarray, grid: Grid, margin_mm: fl
     step along the index axes, so the moving image's features match the fixed image's channel for channel
     only on axes that run alike with the same steps (a DICOM series against a NIfTI, a head-first against a
     feet-first scan, 5 mm slices against 2 mm). The crop bounds the memory when the moving field of view is
-    much larger than the fixed one (a whole-body repeat CT against a head planning CT)."""
+    much larger than the fixed one (a whole-body repeat CT against a head planning CT). ``margin_mm``:
+    :data:`VIEW_MARGIN_MM` unless given."""
+    margin_mm = VIEW_MARGIN_MM if margin_mm is None else margin_mm
     oriented = _oriented_like(moving_grid, np.asarray(affine, np.float64)[:3, :3] @ grid.direction)
     extent = (np.array(oriented.size_xyz) - 1) * oriented.spacing
     steps = grid.spacing

@@ -82,8 +82,8 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
     """One level per entry of ``iterations``, coarsest first, ending at ``spacing_mm`` (each level halves the
     spacing): the normalised images, anti-aliased, each on a grid of its own at the level's spacing (the fixed
     one on the fixed frame's grid, the moving one on its own field of view, :func:`rtreg.field.moving_view`:
-    the pre-alignment ``affine`` is applied with the field, in :meth:`Level.warped`), and the fixed mask widened by 2 voxels where the pre-aligned moving
-    image has data (:func:`rtreg.field.moving_coverage`)."""
+    the pre-alignment ``affine`` is applied with the field, in :meth:`Level.warped`), and the fixed mask
+    widened by 2 voxels where the pre-aligned moving image has data (:func:`rtreg.field.moving_coverage`)."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
