@@ -112,23 +112,46 @@ def test_fields_read_back_as_written(tmp_path):
     np.testing.assert_allclose(back.array, f.array, atol=1e-6)
 
 
-def test_moving_coverage_marks_where_the_moving_image_has_data():
-    from rtreg.field import moving_coverage
+def test_coverage_marks_where_the_moving_image_has_data():
+    from rtreg.field import coverage
     g = Grid.from_geometry((10, 10, 10), (2.0, 2.0, 2.0))
     shift = np.eye(4)
     shift[0, 3] = 5.0                          # fixed x -> moving x + 5 mm (2.5 voxels)
-    cover = moving_coverage(g, shift, g)
+    cover = coverage(g, shift, g)
     assert cover.dtype == np.uint8 and cover[:, :, :7].all() and not cover[:, :, 7:].any()
     small = Grid.from_geometry((10, 10, 4), (2.0, 2.0, 2.0))   # a moving image 4 voxels wide in x
-    narrow = moving_coverage(small, np.eye(4), g)
+    narrow = coverage(small, np.eye(4), g)
     assert narrow[:, :, :4].all() and not narrow[:, :, 4:].any()
     # oblique grids and a rotation: where resampling an all-ones moving image reads no fill
     fixed_grid, moving_grid = oblique_grid((20, 22, 24), (2.0, 2.5, 3.0)), oblique_grid((12, 14, 16), (3.0, 2.0, 2.0))
     a = rigid_matrix((8.0, -5.0, 12.0), (6.0, -4.0, 3.0), fixed_grid.center())
     ones = Volume(np.ones(moving_grid.shape, np.float32), moving_grid.affine.copy())
     by_resampling = resample(ones, fixed_grid, "linear", affine_to_sitk(a), 0.0).array > 0.999
-    cover = moving_coverage(moving_grid, a, fixed_grid)
+    cover = coverage(moving_grid, a, fixed_grid)
     assert 0 < cover.sum() < cover.size and np.mean(cover.astype(bool) != by_resampling) < 1e-3
+
+
+def test_inside_through_follows_the_field_and_matches_coverage_without_one():
+    import torch
+    from rtreg.field import coverage
+    from rtreg.spatial import inside_through
+    fixed_grid, moving_grid = oblique_grid((20, 22, 24), (2.0, 2.5, 3.0)), oblique_grid((12, 14, 16), (3.0, 2.0, 2.0))
+    a = rigid_matrix((8.0, -5.0, 12.0), (6.0, -4.0, 3.0), fixed_grid.center())
+    w = inside_through(moving_grid, a, None, fixed_grid, torch.device("cpu"))[0, 0].numpy()
+    assert w.shape == fixed_grid.shape and w.min() >= 0 and w.max() <= 1
+    cover = coverage(moving_grid, a, fixed_grid).astype(bool)
+    assert (w[cover] > 0.999).mean() > 0.999 and (w[~cover] < 1.0).all()   # agrees with the static coverage
+    # a displacement of 100 mm along every voxel's way takes every sample out of the moving image
+    u = torch.full((1, 3) + fixed_grid.shape, 100.0)
+    assert float(inside_through(moving_grid, a, u, fixed_grid, torch.device("cpu")).max()) == 0.0
+    # half a voxel past the buffer's edge along one axis: weight 0.5, linear in between
+    g = Grid.from_geometry((1, 1, 1), (2.0, 2.0, 2.0))
+    small = Grid.from_geometry((4, 4, 4), (2.0, 2.0, 2.0))
+    for shift_mm, expected in ((0.0, 1.0), (7.0, 1.0), (8.0, 0.5), (9.0, 0.0), (-2.0, 0.5)):
+        u = torch.zeros(1, 3, 1, 1, 1)
+        u[0, 0] = shift_mm                                    # x: buffer [-0.5, 3.5] voxels = [-1, 7] mm
+        got = float(inside_through(small, np.eye(4), u, g, torch.device("cpu")))
+        assert abs(got - expected) < 1e-5, (shift_mm, got)
 
 
 def test_moving_view_keeps_the_part_the_fixed_grid_maps_onto_and_its_voxel_centres():

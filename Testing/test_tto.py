@@ -264,6 +264,40 @@ def test_the_similarity_reads_the_moving_image_once_through_the_pre_alignment(pe
         2 * float((got - shifted)[inside[..., :-1]].abs().mean())
 
 
+def test_the_similarity_counts_only_where_both_images_have_data(pelvis, monkeypatch):
+    """A planning slab of 8 slices against a repeat cropped in z elsewhere: the working grid (32 voxels at
+    least along z) reaches far past both. The similarity's mask stops at the fixed image's edge (the widened
+    body once reached 2 voxels into its fill), and the weight of where the moving image has data follows the
+    field, every iteration (a sample pushed past the repeat's last slice reads its edge value, not anatomy)."""
+    from rtreg.field import coverage
+    from rtreg.image import crop_to_mask
+    monkeypatch.setattr(tto, "prealign", lambda *args, **kwargs: np.eye(4))
+    slab, part = (np.zeros(pelvis.planning.array.shape, bool) for _ in range(2))
+    slab[20:28] = True
+    part[14:26] = True
+    fixed = crop_to_mask(pelvis.planning, slab, margin_mm=0.0)
+    moving = crop_to_mask(pelvis.repeat, part, margin_mm=0.0)
+    pair = tto.working_pair(RegistrationCase(fixed, moving),
+                            RegisterOptions(device="cpu", extra={"max_voxels": 48 * 48 * 32}), torch.device("cpu"), [])
+    counted = pair.mask[0, 0].numpy() > 0
+    in_fixed = coverage(fixed.grid, np.eye(4), pair.grid).astype(bool)
+    assert counted.any() and not (counted & ~in_fixed).any()
+    zero = torch.zeros(1, 3, *pair.grid.shape)
+    w = pair.inside(zero)[0, 0].numpy()
+    in_moving = coverage(moving.grid, np.eye(4), pair.grid).astype(bool)
+    assert (w[in_moving] > 0.999).all() and (w[counted & ~in_moving] < 1.0).all() and (counted & ~in_moving).any()
+    far = zero.clone()
+    far[:, 2] = -float(pair.grid.shape[0] + 2)            # every sample below the working grid, so below the repeat
+    assert float(pair.inside(far).max()) == 0.0
+    seen = []
+    real_mi = tto.multi_axis_mi
+    monkeypatch.setattr(tto, "multi_axis_mi", lambda a, b, mask=None: seen.append(mask.clone()) or real_mi(a, b, mask))
+    net = tto.load_network("student", torch.device("cpu"))
+    tto.adapt(net, pair.fixed, pair.moving, pair.mask, False, 2, 1e9, warp_moving=pair.warped, inside=pair.inside)
+    assert len(seen) == 2 and not (seen[0][0, 0].numpy()[~in_moving] > 0.999).any()      # the field's weight
+    assert float(seen[0].sum()) < float(pair.mask.sum())
+
+
 def _series(tmp_path, pelvis):
     """A 3-frame series: the planning image, then two known rigid motions of it (1 mm and 3 mm, 1-2 degrees)."""
     from rtreg.field import SpatialTransform, warp

@@ -55,15 +55,17 @@ def sitk_linear_to_affine(tx: sitk.Transform) -> np.ndarray:
     return a
 
 
-def moving_coverage(moving_grid: Grid, affine: np.ndarray, grid: Grid) -> np.ndarray:
-    """(z, y, x) uint8 on ``grid``: 1 where the 4x4 ``affine`` (``grid``'s LPS mm -> the moving image's LPS mm)
-    maps the voxel centre inside ``moving_grid`` (continuous index in [-0.5, n - 0.5) on each axis, where ITK's
-    linear interpolation reads moving voxels and not the fill of a cropped field of view). Similarity is
-    counted there only: comparing the fixed body with the fill pulls a registration towards the fill."""
-    to_index = np.linalg.inv(moving_grid.affine) @ np.asarray(affine, np.float64) @ grid.affine   # ijk -> moving ijk
+def coverage(image_grid: Grid, affine: np.ndarray, grid: Grid) -> np.ndarray:
+    """(z, y, x) uint8 on ``grid``: 1 where the 4x4 ``affine`` (``grid``'s LPS mm -> the image's LPS mm) maps
+    the voxel centre inside ``image_grid`` (continuous index in [-0.5, n - 0.5) on each axis, where ITK's linear
+    interpolation reads image voxels and not the fill of a cropped field of view). Similarity is counted
+    only where both images have data there (the moving image through the pre-alignment, the fixed image with
+    the identity): comparing one image's anatomy with the other's fill pulls a registration towards the
+    fill."""
+    to_index = np.linalg.inv(image_grid.affine) @ np.asarray(affine, np.float64) @ grid.affine   # ijk -> image ijk
     k, j, i = (np.arange(n, dtype=np.float64) for n in grid.shape)
     inside = np.ones(grid.shape, bool)
-    for axis, n in enumerate(moving_grid.size_xyz):      # the map is affine: one broadcast sum per moving axis
+    for axis, n in enumerate(image_grid.size_xyz):      # the map is affine: one broadcast sum per image axis
         r = to_index[axis]
         index = r[0] * i[None, None, :] + r[1] * j[None, :, None] + r[2] * k[:, None, None] + r[3]
         inside &= (index >= -0.5) & (index < n - 0.5)  # ITK's buffer: half a voxel past the edge centres

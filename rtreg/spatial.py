@@ -71,6 +71,22 @@ def warp(moving: torch.Tensor, u_mm: torch.Tensor, grid: Grid, padding: str = "b
     return sample_at_index(moving, identity_index(shape, moving.device) + du, padding)
 
 
+def _index_through(moving_grid: Grid, affine: np.ndarray, u_mm: Optional[torch.Tensor], grid: Grid,
+                   device: torch.device) -> torch.Tensor:
+    """(1, z, y, x, 3) continuous indices (i, j, k) on ``moving_grid`` of A(x + u(x)) for the voxel centres x
+    of ``grid``: the 4x4 ``affine`` A (fixed LPS mm -> moving LPS mm), the field u (1, 3, z, y, x) LPS mm on
+    ``grid`` (None: zero)."""
+    to_index = np.linalg.inv(moving_grid.affine) @ np.asarray(affine, np.float64)   # moving index of fixed mm
+    m = to_index @ grid.affine                                                       # fixed index -> moving index
+    rot = torch.as_tensor(m[:3, :3], dtype=torch.float32, device=device)
+    shift = torch.as_tensor(m[:3, 3], dtype=torch.float32, device=device)
+    index = identity_index(grid.shape, device) @ rot.T + shift
+    if u_mm is not None:
+        per_mm = torch.as_tensor(to_index[:3, :3], dtype=torch.float32, device=device)
+        index = index + torch.einsum("rc,bczyx->bzyxr", per_mm, u_mm)
+    return index
+
+
 def warp_through(moving: torch.Tensor, moving_grid: Grid, affine: np.ndarray, u_mm: Optional[torch.Tensor],
                  grid: Grid, padding: str = "border") -> torch.Tensor:
     """moving(A(x + u(x))) at the voxel centres x of ``grid`` (the fixed frame) for a moving image (1, C, ...)
@@ -78,15 +94,19 @@ def warp_through(moving: torch.Tensor, moving_grid: Grid, affine: np.ndarray, u_
     field u (1, 3, z, y, x) LPS mm on ``grid`` (None: zero) applied in one trilinear interpolation, so the
     moving image is not first resampled through A and then interpolated again (which blurs it unlike the
     fixed image wherever A is not a whole-voxel shift, and costs accuracy)."""
-    to_index = np.linalg.inv(moving_grid.affine) @ np.asarray(affine, np.float64)   # moving index of fixed mm
-    m = to_index @ grid.affine                                                       # fixed index -> moving index
-    rot = torch.as_tensor(m[:3, :3], dtype=torch.float32, device=moving.device)
-    shift = torch.as_tensor(m[:3, 3], dtype=torch.float32, device=moving.device)
-    index = identity_index(grid.shape, moving.device) @ rot.T + shift
-    if u_mm is not None:
-        per_mm = torch.as_tensor(to_index[:3, :3], dtype=torch.float32, device=moving.device)
-        index = index + torch.einsum("rc,bczyx->bzyxr", per_mm, u_mm)
-    return sample_at_index(moving, index, padding)
+    return sample_at_index(moving, _index_through(moving_grid, affine, u_mm, grid, moving.device), padding)
+
+
+def inside_through(image_grid: Grid, affine: np.ndarray, u_mm: Optional[torch.Tensor], grid: Grid,
+                   device: torch.device) -> torch.Tensor:
+    """(1, 1, z, y, x) weights in [0, 1] on ``grid``: 1 where A(x + u(x)) (as in :func:`warp_through`) lies
+    inside ``image_grid``'s buffer (continuous index in [-0.5, n - 0.5] on each axis, as
+    :func:`rtreg.field.coverage`), falling linearly to 0 over one voxel of ``image_grid`` beyond it: where a
+    sample reads the image and not the edge value repeated past a cropped field of view."""
+    index = _index_through(image_grid, affine, u_mm, grid, device)
+    size = torch.as_tensor(image_grid.size_xyz, dtype=index.dtype, device=device)
+    outside = torch.maximum(-0.5 - index, index - (size - 0.5)).clamp_min(0.0)     # voxels past the buffer
+    return (1.0 - outside).clamp_min(0.0).prod(-1)[:, None]
 
 
 def warp_voxels(image: torch.Tensor, u_voxels: torch.Tensor) -> torch.Tensor:

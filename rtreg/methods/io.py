@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
-from ..field import SpatialTransform, moving_coverage, moving_view, resample_field
+from ..field import SpatialTransform, coverage, moving_view, resample_field
 from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
 from ..losses import bending_energy, diffusion, mind_ssc, ncc_local
 from ..memory import check_memory
@@ -83,7 +83,7 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
     spacing): the normalised images, anti-aliased, each on a grid of its own at the level's spacing (the fixed
     one on the fixed frame's grid, the moving one on its own field of view, :func:`rtreg.field.moving_view`:
     the pre-alignment ``affine`` is applied with the field, in :meth:`Level.warped`), and the fixed mask
-    widened by 2 voxels where the pre-aligned moving image has data (:func:`rtreg.field.moving_coverage`)."""
+    widened by 2 voxels where the pre-aligned moving image has data (:func:`rtreg.field.coverage`)."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
@@ -94,7 +94,7 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
         m = resample(smooth_for_downsampling(m_norm, sp), mg)
         mk = resample(f_norm.with_array(fixed_mask), g, "mask").array
         mk_t = F.max_pool3d(to_tensor(mk, device), 5, stride=1, padding=2)  # a 2-voxel margin around the mask
-        mk_t = mk_t * to_tensor(moving_coverage(m_norm.grid, affine, g), device)
+        mk_t = mk_t * to_tensor(coverage(m_norm.grid, affine, g), device)
         levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mg,
                             np.asarray(affine, np.float64), mk_t, n_it))
     return levels

@@ -32,7 +32,7 @@ import torch
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
-from ..field import SpatialTransform, moving_coverage, resample_field
+from ..field import SpatialTransform, coverage, resample_field
 from ..image import Grid, Volume, resample
 from ..memory import check_memory
 from ..netgrid import edge_taper, network_images, working_grid
@@ -200,7 +200,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
                              "network_grid": list(grid.size_xyz), "network_spacing_mm": spacing,
                              "refined": refine}
     body = to_tensor(resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
-                     * moving_coverage(case.moving.grid, affine, grid), device)
+                     * coverage(case.moving.grid, affine, grid), device)
     f_t, m_t = to_tensor(f_img, device), to_tensor(m_img, device)
     with torch.no_grad():
         before = ncc_local(f_t, m_t, 5, body).item()
