@@ -141,7 +141,7 @@ def test_inside_through_follows_the_field_and_matches_coverage_without_one():
     assert w.shape == fixed_grid.shape and w.min() >= 0 and w.max() <= 1
     cover = coverage(moving_grid, a, fixed_grid).astype(bool)
     assert (w[cover] > 0.999).mean() > 0.999 and (w[~cover] < 1.0).all()   # agrees with the static coverage
-    # a displacement of 100 mm along every voxel's way takes every sample out of the moving image
+    # 100 mm along each axis at every voxel takes every sample out of the moving image
     u = torch.full((1, 3) + fixed_grid.shape, 100.0)
     assert float(inside_through(moving_grid, a, u, fixed_grid, torch.device("cpu")).max()) == 0.0
     # half a voxel past the buffer's edge along one axis: weight 0.5, linear in between
