@@ -298,6 +298,15 @@ def test_the_similarity_counts_only_where_both_images_have_data(pelvis, monkeypa
     assert float(seen[0].sum()) < float(pair.mask.sum())
 
 
+def test_a_repeat_that_does_not_overlap_the_planning_body_is_refused(pelvis, monkeypatch):
+    far = np.eye(4)
+    far[2, 3] = 5000.0                                      # the pre-alignment maps every fixed point 5 m away
+    monkeypatch.setattr(tto, "prealign", lambda *args, **kwargs: far.copy())
+    with pytest.raises(InputError, match="does not overlap"):
+        tto.working_pair(RegistrationCase(pelvis.planning, pelvis.repeat),
+                         RegisterOptions(device="cpu", extra={"max_voxels": 48 * 48 * 32}), torch.device("cpu"), [])
+
+
 def _series(tmp_path, pelvis):
     """A 3-frame series: the planning image, then two known rigid motions of it (1 mm and 3 mm, 1-2 degrees)."""
     from rtreg.field import SpatialTransform, warp

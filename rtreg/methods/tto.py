@@ -182,9 +182,9 @@ class WorkingPair:
     """A pair on TTORegister's working grid: ``fixed``, ``moving`` (the moving image through the
     pre-alignment ``affine``, fixed -> moving LPS: the network's input) and ``mask`` as (1, 1, z, y, x)
     tensors (``mask``: the fixed body widened by 2 voxels, inside the fixed image); ``moving_own``, the moving
-    image on ``moving_grid`` (its own field of view at the working
-    spacing, where the working grid maps onto it: :func:`rtreg.field.moving_view`), which
-    the similarity reads through A and the field in one interpolation (:meth:`warped`); the images
+    image on ``moving_grid`` (its own field of view at the working spacing, where the working grid maps onto
+    it: :func:`rtreg.field.moving_view`), which the similarity reads through A and the field in one
+    interpolation (:meth:`warped`); the images
     normalised to [0, 1] on their own grids and the fixed body mask, for the QA maps; ``prealign_s``: the
     seconds the pre-alignment took; ``moving_image_grid``: the moving image's own grid (:meth:`inside`)."""
 
@@ -238,9 +238,14 @@ def working_pair(case: RegistrationCase, options: RegisterOptions, device: torch
     body = resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
     mask = F.max_pool3d(to_tensor(body, device), 5, stride=1, padding=2) * to_tensor(
         coverage(case.fixed.grid, np.eye(4), grid), device)   # the widened body, where the fixed image has data
-    return WorkingPair(grid, affine, to_tensor(f_img, device), to_tensor(m_img, device), mask, use_ncc,
+    pair = WorkingPair(grid, affine, to_tensor(f_img, device), to_tensor(m_img, device), mask, use_ncc,
                        f_norm, m_norm, fixed_mask, prealign_s, to_tensor(m_own, device), moving_grid,
                        case.moving.grid)
+    if not float((mask * pair.inside(torch.zeros(1, 3, *grid.shape, device=device))).sum()) > 0:
+        raise InputError("after the pre-alignment the repeat (moving) image does not overlap the planning "
+                         "(fixed) image's body anywhere, so there is nothing to register; check that both "
+                         "images show the same region, or choose another pre-alignment (--prealign)")
+    return pair
 
 
 def network_transform(net: RegUNet, pair: WorkingPair, fixed_grid: Grid) -> SpatialTransform:
