@@ -14,8 +14,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+import rtreg.device
 from conftest import REPO, smooth_image
 from rtreg.case import RegisterOptions, RegistrationCase
+from rtreg.device import autocast, network_precision
 from rtreg.errors import InputError
 from rtreg.image import Grid, read_frames, read_volume, write_frames, write_volume
 from rtreg.labelmaps import label_map_pair
@@ -87,6 +89,26 @@ def test_the_cpu_layout_changes_neither_the_field_nor_its_gradients():
     assert u_a.abs().max() > 1e-3                      # the field is not trivially zero
     assert torch.allclose(u_a, u_b, rtol=1e-4, atol=1e-6 * float(u_a.abs().max()))
     assert torch.allclose(g_a, g_b, rtol=1e-3, atol=1e-5 * float(g_a.abs().max()))
+
+
+def test_mixed_precision_is_chosen_by_the_cpu_and_keeps_the_field_in_float32(monkeypatch):
+    """``auto`` runs the passes in bfloat16 only on a CPU with AMX; under the autocast the displacement head
+    still runs in float32, so the field is the float32 field up to the features' rounding, not rounded itself."""
+    cpu = torch.device("cpu")
+    assert network_precision(cpu, "float32") == torch.float32 and network_precision(cpu, "bfloat16") == torch.bfloat16
+    for amx in (False, True):
+        monkeypatch.setattr(rtreg.device, "_cpu_has_amx", lambda amx=amx: amx)
+        assert network_precision(cpu, "auto") == (torch.bfloat16 if amx else torch.float32)
+        assert network_precision(cpu, None) == network_precision(cpu, "auto")
+    pair = label_map_pair((32, 32, 32), torch.Generator().manual_seed(3), cpu)
+    net = tto.load_network("student", cpu)
+    with torch.no_grad():
+        exact = net(pair["fixed"], pair["moving"])
+        with autocast(cpu, torch.bfloat16):
+            mixed = net(pair["fixed"], pair["moving"])
+    assert mixed.dtype == torch.float32 and exact.abs().max() > 0.1
+    assert float((mixed - exact).abs().max()) < 0.05 * float(exact.abs().max())
+    assert not torch.equal(mixed, mixed.bfloat16().float())       # not rounded to bfloat16 itself
 
 
 def test_the_working_grid_keeps_to_the_voxel_budget_on_a_thin_slab():
@@ -171,7 +193,7 @@ def test_the_folding_penalty_unfolds_a_field_that_the_images_ask_for():
     assert dets[0.0] < 0 < dets[tto.FOLDING_WEIGHT]
 
 
-def test_a_bad_weight_averaging_or_folding_weight_is_refused_before_the_pre_alignment(monkeypatch):
+def test_a_bad_weight_averaging_folding_weight_or_precision_is_refused_before_the_pre_alignment(monkeypatch):
     monkeypatch.setattr(tto, "working_pair", lambda *a, **k: pytest.fail("the pair was prepared"))
     img = smooth_image(Grid((32, 32, 32), np.diag([2.0, 2.0, 2.0, 1.0])), seed=4)
     case = RegistrationCase(img, img)
@@ -181,6 +203,8 @@ def test_a_bad_weight_averaging_or_folding_weight_is_refused_before_the_pre_alig
     for bad in (-1.0, "strong", float("nan")):
         with pytest.raises(InputError, match=r"folding_weight .*>= 0"):
             tto.register(case, RegisterOptions(device="cpu", extra={"folding_weight": bad}))
+    with pytest.raises(InputError, match="unknown precision 'float16'; use auto, float32, bfloat16"):
+        tto.register(case, RegisterOptions(device="cpu", extra={"precision": "float16"}))
 
 
 def test_a_budget_of_zero_is_bad_input():
@@ -227,15 +251,17 @@ def test_shipped_weights_are_in_the_manifest_with_their_training_commands():
     assert manifest["tto_student.pt"]["teacher_sha256"] == manifest["tto_teacher.pt"]["sha256"]
 
 
-def test_student_with_test_time_optimisation_registers_the_pelvis_phantom(pelvis):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_student_with_test_time_optimisation_registers_the_pelvis_phantom(pelvis, precision):
     case = RegistrationCase(pelvis.planning, pelvis.repeat)
     from rtreg.field import SpatialTransform
     result = tto.register(case, RegisterOptions(device="cpu", iterations=40, time_budget_s=600.0,
-                                                extra={"max_voxels": 48 * 48 * 32}))
+                                                extra={"max_voxels": 48 * 48 * 32, "precision": precision}))
     base = tre(SpatialTransform(result.prealignment).transform_points(pelvis.points_planning),
                pelvis.points_repeat)["mean"]
     after = tre(result.transform.transform_points(pelvis.points_planning), pelvis.points_repeat)["mean"]
     assert result.qa["iterations"] == 40 and result.qa["adapted"] and result.qa["prealign_metric"] == "ncc"
+    assert result.qa["precision"] == precision
     assert after < 0.8 * base, (base, after)
     assert result.qa["patch_mi_mean_after"] > result.qa["patch_mi_mean_before"]
     assert set(result.maps) == {"patch_mi_before", "patch_mi_after"}

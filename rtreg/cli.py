@@ -67,6 +67,7 @@ def _info(_args) -> int:
 def _options(args) -> RegisterOptions:
     extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
              "refine": not args.no_refine, "network": args.network, "adapt": not args.no_adapt,
+             "precision": args.precision,
              "mode": args.quiz_mode, "global_features": args.global_features,
              "sam2_checkpoint": args.sam2_checkpoint, "sam2_config": args.sam2_config, "reduction": args.reduction,
              "stages": args.glide_stages, "inverse_consistency": args.inverse_consistency}
@@ -202,6 +203,10 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
                    help="tto: the distilled student (default) or the teacher")
     r.add_argument("--no-adapt", action="store_true",
                    help="tto: the network's prediction only, without test-time optimisation")
+    r.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="tto: the network's passes during the test-time optimisation in float32 or mixed bfloat16 "
+                   "(weights, losses and the returned field stay float32); auto: bfloat16 on a CPU with AMX, "
+                   "float32 elsewhere")
     r.add_argument("--global-features", default="learned", choices=["learned", "sam2", "none"],
                    help="glide: the shipped contrast-invariant encoder, SAM2 slice features (needs the sam2 "
                    "package and --sam2-checkpoint), or none (local MIND-SSC features only)")

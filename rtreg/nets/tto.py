@@ -7,7 +7,9 @@ fixed(v) matches moving(v + u(v)).
 Layout (both nets): one 3x3x3 convolution + LeakyReLU(0.2) per encoder level with 2x2x2 max pooling
 between levels, a bottleneck at 1/16 resolution, a decoder that upsamples and concatenates the skip
 of the same level, then full-resolution 16-channel convolutions and a 3-channel head initialised near
-zero (an untrained net predicts the identity).
+zero (an untrained net predicts the identity). Under mixed precision (``torch.autocast``) the head runs in
+float32, so the displacement and its derivatives in the smoothness terms are not rounded to bfloat16's
+8-bit mantissa (a 5-voxel displacement would carry 0.02-voxel steps).
 
 * teacher: encoder 16, 32, 32, 64; bottleneck 64; three full-resolution convolutions;
 * student: encoder 16, 24, 24, 32; bottleneck 32; three full-resolution convolutions.
@@ -67,7 +69,9 @@ class RegUNet(nn.Module):
         for block, skip in zip(self.up, reversed(skips)):
             x = block(torch.cat([F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False),
                                  skip], 1))
-        return self.head(self.final(x))
+        x = self.final(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(x.float())
 
 
 def build(config: Dict) -> RegUNet:
@@ -78,7 +82,7 @@ def build(config: Dict) -> RegUNet:
 def on_device(net: RegUNet, device: torch.device) -> RegUNet:
     """``net`` moved to ``device``; on a CPU with its convolution weights in the channels-last 3D layout, in
     which oneDNN runs this net's forward plus backward pass 1.2-1.5 times faster
-    (``python3 bench/tto_layout_speed.py``). The values are the default layout's up to float32 rounding; the
+    (``python3 bench/tto_network_speed.py``). The values are the default layout's up to float32 rounding; the
     output displacement is then channels-last too (``.contiguous()`` where a caller needs the default)."""
     net = net.to(device)
     return net.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else net
