@@ -316,6 +316,8 @@ METHODS: List[Method] = [
     Method("tto", "rtreg TTORegister (student + test-time optimisation)", "rtreg", _rtreg("tto"), ours=True),
     Method("tto-teacher", "TTORegister teacher + test-time optimisation", "rtreg", _rtreg("tto", network="teacher"),
            ours=True, in_default=False),
+    Method("tto-float32", "TTORegister student + test-time optimisation, passes in float32 (--precision float32)",
+           "rtreg", _rtreg("tto", precision="float32"), ours=True, in_default=False),
     Method("tto-student-net", "TTORegister student, network only", "rtreg", _rtreg("tto", adapt=False),
            ours=True, in_default=False),
     Method("tto-teacher-net", "TTORegister teacher, network only", "rtreg",
