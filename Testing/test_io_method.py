@@ -153,3 +153,15 @@ def test_a_sub_voxel_pre_alignment_costs_no_accuracy(thorax, monkeypatch):
         res = get_method("io")(_case(thorax), RegisterOptions(device="cpu", working_spacing_mm=4.0))
         errors[name] = point_errors(res.transform, thorax.points_planning, thorax.points_repeat)["mean"]
     assert errors["half voxel"] < 1.05 * errors["whole voxel"], errors
+
+
+@pytest.mark.parametrize("method", ["io", "protondir", "glide"])
+def test_a_repeat_that_does_not_overlap_the_planning_body_is_refused(thorax, monkeypatch, method):
+    """A pre-alignment that takes every planning point 5 m away leaves the similarity nothing to count: a clear
+    error, not a near-zero field returned as if registered (TTORegister: Testing/test_tto.py)."""
+    import importlib
+    far = np.eye(4)
+    far[2, 3] = 5000.0
+    monkeypatch.setattr(importlib.import_module(f"rtreg.methods.{method}"), "prealign", lambda *a, **k: far.copy())
+    with pytest.raises(InputError, match=r"does not overlap the planning \(fixed\) image's body.*--prealign"):
+        get_method(method)(_case(thorax), RegisterOptions(device="cpu", working_spacing_mm=4.0))

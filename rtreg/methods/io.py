@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
 from ..device import resolve_device, seed_everything
+from ..errors import InputError
 from ..field import SpatialTransform, coverage, moving_view, resample_field
 from ..image import Grid, Volume, normalize_intensity, resample, smooth_for_downsampling
 from ..losses import bending_energy, diffusion, mind_ssc, ncc_local
@@ -83,7 +84,8 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
     spacing): the normalised images, anti-aliased, each on a grid of its own at the level's spacing (the fixed
     one on the fixed frame's grid, the moving one on its own field of view, :func:`rtreg.field.moving_view`:
     the pre-alignment ``affine`` is applied with the field, in :meth:`Level.warped`), and the fixed mask
-    widened by 2 voxels where the pre-aligned moving image has data (:func:`rtreg.field.coverage`)."""
+    widened by 2 voxels where the pre-aligned moving image has data (:func:`rtreg.field.coverage`);
+    :func:`check_overlap` on the finest level's mask."""
     levels = []
     n = len(iterations)
     for i, n_it in enumerate(iterations):
@@ -97,7 +99,18 @@ def pyramid(f_norm: Volume, m_norm: Volume, fixed_mask: np.ndarray, affine: np.n
         mk_t = mk_t * to_tensor(coverage(m_norm.grid, affine, g), device)
         levels.append(Level(g, to_tensor(f.array, device), to_tensor(m.array, device), mg,
                             np.asarray(affine, np.float64), mk_t, n_it))
+    check_overlap(float(levels[-1].mask.sum()))
     return levels
+
+
+def check_overlap(counted_voxels: float) -> None:
+    """InputError when the similarity would count nowhere (``counted_voxels``: the sum of its mask on the
+    working grid, after the pre-alignment): the repeat does not overlap the planning image's body, and a
+    method would return a near-zero field as if it had registered."""
+    if not counted_voxels > 0:
+        raise InputError("after the pre-alignment the repeat (moving) image does not overlap the planning (fixed) "
+                         "image's body anywhere, so there is nothing to register; check that both images show "
+                         "the same region, or choose another pre-alignment (--prealign)")
 
 
 def registration_masks(case: RegistrationCase) -> Tuple[np.ndarray, np.ndarray]:

@@ -180,6 +180,9 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     affine = prealign(case.fixed, case.moving, options.prealign, fixed_mask, moving_mask, "ncc", device,
                       options.seed, lambda f, m: progress(0.2 * f, m))
     t_pre = time.perf_counter()
+    body = to_tensor(resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
+                     * coverage(case.moving.grid, affine, grid), device)      # where the similarity counts
+    io.check_overlap(float(body.sum()))
 
     progress(0.2, "clinical priors and plan text")
     clinical = clinical_inputs(case, grid, use, int(config["text_dim"]), options.extra.get("text_encoder"))
@@ -199,8 +202,6 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     qa: Dict[str, object] = {"clinical_inputs_used": clinical.used, "prompts": clinical.prompts,
                              "network_grid": list(grid.size_xyz), "network_spacing_mm": spacing,
                              "refined": refine}
-    body = to_tensor(resample(case.fixed.with_array(fixed_mask.astype(np.uint8)), grid, "mask").array
-                     * coverage(case.moving.grid, affine, grid), device)
     f_t, m_t = to_tensor(f_img, device), to_tensor(m_img, device)
     with torch.no_grad():
         before = ncc_local(f_t, m_t, 5, body).item()

@@ -248,10 +248,7 @@ def working_pair(case: RegistrationCase, options: RegisterOptions, device: torch
     pair = WorkingPair(grid, affine, to_tensor(f_img, device), to_tensor(m_img, device), mask, use_ncc,
                        f_norm, m_norm, fixed_mask, prealign_s, to_tensor(m_own, device), moving_grid,
                        case.moving.grid)
-    if not float((mask * pair.inside(torch.zeros(1, 3, *grid.shape, device=device))).sum()) > 0:
-        raise InputError("after the pre-alignment the repeat (moving) image does not overlap the planning "
-                         "(fixed) image's body anywhere, so there is nothing to register; check that both "
-                         "images show the same region, or choose another pre-alignment (--prealign)")
+    io.check_overlap(float((mask * pair.inside(torch.zeros(1, 3, *grid.shape, device=device))).sum()))
     return pair
 
 
