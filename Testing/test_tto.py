@@ -46,6 +46,29 @@ def test_multi_axis_mi_is_largest_for_aligned_images_and_ignores_contrast():
     assert u.grad.abs().sum() > 0                           # differentiable through the warp
 
 
+def test_multi_axis_mi_is_the_weighted_mean_of_each_slices_mi():
+    """Against the definition, slice by slice along each axis of a (5, 6, 7) volume with a mask: the slices'
+    MI weighted by their voxels in the mask, averaged over the axes and the batch."""
+    from rtreg.losses import _mi_of_joint, _parzen_weights
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(2, 1, 5, 6, 7, generator=g), torch.rand(2, 1, 5, 6, 7, generator=g)
+    b = 0.5 * b + 0.5 * a ** 2                                     # related, so the MI is not near zero
+    mask = (torch.rand(2, 1, 5, 6, 7, generator=g) > 0.3).float()
+    expected = []
+    for k in range(2):
+        wa = _parzen_weights(a[k, 0], 16) * mask[k, 0][..., None]
+        wb = _parzen_weights(b[k, 0], 16)
+        for axis in range(3):
+            mis, masses = [], []
+            for s in range(wa.shape[axis]):
+                joint = wa.select(axis, s).reshape(-1, 16).T @ wb.select(axis, s).reshape(-1, 16)
+                masses.append(float(joint.sum()))
+                mis.append(float(_mi_of_joint(joint / joint.sum())) if masses[-1] > 0 else 0.0)
+            expected.append(np.average(mis, weights=masses))
+    assert float(multi_axis_mi(a, b, mask)) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert float(multi_axis_mi(a, b, mask)) > 0.05
+
+
 def test_label_map_pairs_are_reproducible_and_their_field_is_true():
     a = label_map_pair((32, 32, 32), torch.Generator().manual_seed(5), torch.device("cpu"))
     b = label_map_pair((32, 32, 32), torch.Generator().manual_seed(5), torch.device("cpu"))

@@ -84,16 +84,17 @@ def multi_axis_mi(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor]
 
     a, b: (B, 1, z, y, x) intensities in [0, 1]; mask (B, 1, z, y, x) or None; the batch is averaged.
     Slice-wise histograms keep MI sensitive to spatially varying intensity relations (bias fields, local
-    contrast) that one global histogram washes out."""
+    contrast) that one global histogram washes out. The joint histograms of the z and y slices are sums of
+    those of the lines along x (one batched product), the x slices' one contraction over (z, y)."""
     total = a.new_zeros(())
     for k in range(a.shape[0]):
         wa, wb = _parzen_weights(a[k, 0], bins), _parzen_weights(b[k, 0], bins)      # (z, y, x, bins)
         if mask is not None:
             wa = wa * mask[k, 0][..., None]
-        for axis in range(3):
-            sa = wa.movedim(axis, 0).reshape(wa.shape[axis], -1, bins)
-            sb = wb.movedim(axis, 0).reshape(wb.shape[axis], -1, bins)
-            joint = sa.transpose(1, 2) @ sb                                         # (slices, bins, bins)
+        nz, ny, nx = wa.shape[:3]
+        la, lb = wa.reshape(nz * ny, nx, bins), wb.reshape(nz * ny, nx, bins)
+        lines = (la.transpose(1, 2) @ lb).reshape(nz, ny, bins, bins)             # each x line's joint histogram
+        for joint in (lines.sum(1), lines.sum(0), torch.einsum("lxa,lxb->xab", la, lb)):   # z, y, x slices
             mass = joint.sum((1, 2))
             mi = _mi_of_joint(joint / mass.clamp_min(1e-10)[:, None, None])
             total = total + (mi * mass).sum() / mass.sum().clamp_min(1e-10) / 3
@@ -179,8 +180,8 @@ def jacobian_determinants(u: torch.Tensor, index_to_mm: torch.Tensor) -> torch.T
                 d_index = (edges[0][:, ck:ck + nz, cj:cj + ny, :], edges[1][:, ck:ck + nz, :, ci:ci + nx],
                            edges[2][:, :, cj:cj + ny, ci:ci + nx])
                 # j[w][c] = d(x + u)_c / d x_w: the column w of the Jacobian, a (3, z, y, x) tensor
-                j = [sum(d * to_world[a][w] for a, d in enumerate(d_index)) + identity[:, w].view(3, 1, 1, 1)
-                     for w in range(3)]
+                j = [sum(d * to_world[a][w] for a, d in enumerate(d_index) if to_world[a][w] != 0.0)
+                     + identity[:, w].view(3, 1, 1, 1) for w in range(3)]          # (axis-aligned: one term)
                 (a0, a1, a2), (b0, b1, b2), (c0, c1, c2) = j                          # columns x, y, z
                 dets.append(a0 * (b1 * c2 - b2 * c1) - b0 * (a1 * c2 - a2 * c1) + c0 * (a1 * b2 - a2 * b1))
     return torch.stack(dets)
