@@ -21,7 +21,7 @@
    weights over about its last 10 iterations (:data:`WEIGHT_AVERAGING`), so that where the budget cuts does
    not decide the result. On a CPU with AMX the network's passes run in mixed bfloat16 (its weights, its
    displacement head, the losses and the returned field in float32: :func:`rtreg.device.network_precision`),
-   which halves the time of the 100 iterations at the same accuracy (bench/README "TTORegister").
+   in 0.55-0.6 of the float32 time at the same accuracy (bench/README "TTORegister", "Mixed bfloat16").
 4. The field (tapered to zero at the working grid's faces) is returned on the fixed grid at full resolution.
 
 QA: the patch-wise MI map (16-voxel cubes, stride 4, centres inside the fixed body, on a 3 mm grid) before
