@@ -50,9 +50,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 def network_precision(device: torch.device, choice: Optional[str] = "auto") -> torch.dtype:
     """The dtype in which a network's passes run while its weights are optimised on a pair (the weights, the
     losses and the returned field stay float32): ``float32``, ``bfloat16`` (mixed precision), or ``auto``:
-    bfloat16 on a CPU with AMX tiles (where oneDNN runs TTORegister's student forward plus backward about 4
-    times faster than in float32: ``python3 bench/tto_precision_speed.py``), float32 elsewhere (CPUs without
-    them emulate bfloat16; on a GPU not measured yet)."""
+    bfloat16 on a CPU with AMX tiles (where a TTORegister iteration, the network's passes in bfloat16 and
+    the losses in float32, takes 0.55 of its float32 time: ``python3 bench/tto_network_speed.py``), float32
+    elsewhere (CPUs without them emulate bfloat16; on a GPU not measured yet)."""
     choice = (choice or "auto").lower()
     if choice not in PRECISIONS:
         raise InputError(f"unknown precision {choice!r}; use {', '.join(PRECISIONS)}")
