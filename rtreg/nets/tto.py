@@ -9,7 +9,7 @@ between levels, a bottleneck at 1/16 resolution, a decoder that upsamples and co
 of the same level, then full-resolution 16-channel convolutions and a 3-channel head initialised near
 zero (an untrained net predicts the identity). Under mixed precision (``torch.autocast``) the head runs in
 float32, so the displacement and its derivatives in the smoothness terms are not rounded to bfloat16's
-8-bit mantissa (a 5-voxel displacement would carry 0.02-voxel steps).
+8-bit mantissa (a 5-voxel displacement would move in steps of 0.03 voxels).
 
 * teacher: encoder 16, 32, 32, 64; bottleneck 64; three full-resolution convolutions;
 * student: encoder 16, 24, 24, 32; bottleneck 32; three full-resolution convolutions.
@@ -81,8 +81,8 @@ def build(config: Dict) -> RegUNet:
 
 def on_device(net: RegUNet, device: torch.device) -> RegUNet:
     """``net`` moved to ``device``; on a CPU with its convolution weights in the channels-last 3D layout, in
-    which oneDNN runs this net's forward plus backward pass 1.2-1.5 times faster
-    (``python3 bench/tto_network_speed.py``). The values are the default layout's up to float32 rounding; the
+    which oneDNN ran a test-time iteration 1.2-1.5 times faster on an earlier machine and 1.0-1.05 times on
+    the current one (``python3 bench/tto_network_speed.py``). The values are the default layout's up to float32 rounding; the
     output displacement is then channels-last too (``.contiguous()`` where a caller needs the default)."""
     net = net.to(device)
     return net.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else net
