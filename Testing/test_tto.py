@@ -132,6 +132,13 @@ def test_mixed_precision_is_chosen_by_the_cpu_and_keeps_the_field_in_float32(mon
     assert mixed.dtype == torch.float32 and exact.abs().max() > 0.1
     assert float((mixed - exact).abs().max()) < 0.05 * float(exact.abs().max())
     assert not torch.equal(mixed, mixed.bfloat16().float())       # not rounded to bfloat16 itself
+    # the test-time optimisation runs the network's convolutions in the precision it is given
+    seen = []
+    net.down[0][0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    mask = torch.ones_like(pair["fixed"])
+    for precision in (torch.bfloat16, torch.float32):
+        qa = tto.adapt(net, pair["fixed"], pair["moving"], mask, True, 1, 1e9, precision=precision)
+        assert seen[-1] == precision and qa["precision"] == str(precision).replace("torch.", "")
 
 
 def test_the_working_grid_keeps_to_the_voxel_budget_on_a_thin_slab():

@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from . import __version__
 from .case import RegisterOptions
+from .device import PRECISIONS
 from .errors import InputError
 from .models import MODELS_DIR
 
@@ -203,7 +204,7 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
                    help="tto: the distilled student (default) or the teacher")
     r.add_argument("--no-adapt", action="store_true",
                    help="tto: the network's prediction only, without test-time optimisation")
-    r.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+    r.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="tto: the network's passes during the test-time optimisation in float32 or mixed bfloat16 "
                    "(weights, losses and the returned field stay float32); auto: bfloat16 on a CPU with AMX, "
                    "float32 elsewhere")
