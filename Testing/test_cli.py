@@ -181,6 +181,35 @@ def test_io_on_dcpt_phantom_reduces_tre_by_70_percent(tmp_path):
     assert after <= 0.3 * before, (before, after)
 
 
+def test_a_failed_run_leaves_the_output_folder_as_it_was(case_dir, tmp_path, monkeypatch):
+    """Outputs appear only when all are written: an error after the transform and the warped image were written
+    leaves an existing output folder with only what it held, and removes a folder the run created; a
+    successful run into the same folder replaces the earlier outputs."""
+    from rtreg import pipeline
+    args = ["register", "--fixed", str(case_dir / "planning_ct.nii.gz"), "--moving", str(case_dir / "repeat_ct.nii.gz"),
+            "--fixed-structures", str(case_dir / "structures"), "--working-spacing", "8", "--iterations", "5",
+            "--progress", "none"]
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text("{}")
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("simulated failure while writing the outputs")
+    monkeypatch.setattr(pipeline, "jacobian_determinant", broken)
+    for out in (earlier, tmp_path / "new"):
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            main(args + ["--out", str(out)])
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.json"]
+    assert (earlier / "metrics.json").read_text() == "{}"
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert main(args + ["--out", str(earlier)]) == 0
+    names = sorted(p.name for p in earlier.iterdir())
+    assert {"transform.h5", "warped_moving.nii.gz", "structures_on_moving", "qa", "metrics.json"} <= set(names)
+    assert not [n for n in names if n.startswith(".rtreg-partial")]
+    assert json.loads((earlier / "metrics.json").read_text())["method"] == "io"
+
+
 def test_inputs_are_never_modified(case_dir, tmp_path):
     import hashlib
 

@@ -10,7 +10,9 @@ structures and dose carried onto the moving grid through the inverse mapping),
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -192,9 +194,33 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     """Register, write all outputs into ``out`` and return the metrics dictionary (also metrics.json).
 
     ``register``: the function that registers (default: ``method``'s), e.g. one that holds a network across
-    the frames of a series."""
+    the frames of a series. The outputs are written into a hidden folder inside ``out`` and moved into ``out``
+    only when every one is written: a run that fails (bad input found by the method, an error while writing)
+    leaves ``out`` as it was, and removes it if this run created it."""
     out = Path(out)
+    created = not out.exists()
     check_writable(out)
+    staging = Path(tempfile.mkdtemp(prefix=".rtreg-partial-", dir=out))
+    try:
+        metrics = _register_into(case, method, options, staging, progress, command, register)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    for item in staging.iterdir():     # same file system: each move is a rename
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+    progress(1.0, f"done: outputs in {out}")
+    return metrics
+
+
+def _register_into(case: RegistrationCase, method: str, options: RegisterOptions, out: Path, progress: Progress,
+                   command: str, register: Optional[Register]) -> Dict:
+    """:func:`run_registration`'s work: register, then write every output into ``out``."""
     register = register or get_method(method)
     t0 = time.perf_counter()
     result: RegistrationResult = register(case, options, lambda f, m: progress(0.05 + 0.7 * f, m))
@@ -255,7 +281,6 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
         metrics["matched_points"] = "matched_points.csv"
     metrics["timings_s"]["total"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2))
-    progress(1.0, f"done: outputs in {out}")
     return metrics
 
 
