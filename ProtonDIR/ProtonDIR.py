@@ -79,7 +79,8 @@ class ProtonDIRWidget(RegistrationWidget):
             oar_segments=oars)
 
     def options(self):
-        return dict(RegistrationWidget.options(self), refine=self.ui.refineCheckBox.checked)
+        return dict(RegistrationWidget.options(self), refine=self.ui.refineCheckBox.checked,
+                    prior_weight=self.ui.priorWeightSpinBox.value)
 
     def outputs(self):
         out = RegistrationWidget.outputs(self)

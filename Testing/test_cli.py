@@ -140,6 +140,9 @@ def test_bad_input_exits_2_with_a_message(case_dir, tmp_path, capsys):
         assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o4"),
                      flag, value]) == 2
         assert named in capsys.readouterr().err
+    assert main(["register", "--method", "protondir", "--fixed", fixed, "--moving", moving, "--out",
+                 str(tmp_path / "o4"), "--prior-weight", "-1"]) == 2
+    assert "--prior-weight" in capsys.readouterr().err
     assert not (tmp_path / "o4").exists()
 
 

@@ -15,7 +15,8 @@ from rtreg.case import RegisterOptions, RegistrationCase
 from rtreg.dicomrt import PlanSummary, Structure, read_dicom_series, read_rtstruct, write_dicom_series
 from rtreg.errors import InputError
 from rtreg.metrics import dice
-from rtreg.methods import protondir
+from rtreg.image import resample
+from rtreg.methods import io, protondir
 from rtreg.netgrid import edge_taper, working_grid
 from rtreg.models import load_weights, read_manifest, save_weights, MODELS_DIR
 from rtreg.roles import guess_roles
@@ -125,6 +126,49 @@ def test_every_optional_input_missing_still_registers(phantom):
 def test_unknown_clinical_input_is_refused(phantom):
     with pytest.raises(InputError, match="unknown clinical inputs"):
         protondir.register(_case(phantom), RegisterOptions(device="cpu", extra={"clinical_inputs": ["dose"]}))
+
+
+def test_prior_weight_multiplies_the_refinements_masks_by_one_plus_weight_times_the_prior(phantom):
+    """Each level's similarity mask becomes mask x (1 + w x prior): about 1 + w inside the CTV (prior ~1),
+    1 where the prior is 0; the levels given are left as they were, and w = 0 or no prior changes nothing."""
+    case = _case(phantom)
+    grid = working_grid(case.fixed.grid, 4.0)
+    prior = protondir.clinical_inputs(case, grid, ("anatomy", "risk"), 384).prior
+    f_norm, m_norm = io.normalised_images(case, *io.registration_masks(case))
+    levels = io.pyramid(f_norm, m_norm, io.registration_masks(case)[0], np.eye(4), 4.0, [2, 2],
+                        torch.device("cpu"))
+    before = [lv.mask.clone() for lv in levels]
+    weighted = protondir.weight_by_prior(levels, prior, grid, 3.0, torch.device("cpu"))
+    for lv, kept in zip(levels, before):
+        assert torch.equal(lv.mask, kept)
+    finest, mask = weighted[-1], levels[-1].mask
+    ratio = (finest.mask / mask.clamp_min(1e-6))[mask > 0]
+    assert float(ratio.min()) >= 1.0 - 1e-5 and float(ratio.max()) <= 4.0 + 1e-5
+    ctv = next(s for s in phantom.planning_structures if s.name == case.target).mask
+    on_level = resample(case.fixed.with_array(ctv.astype(np.uint8)), finest.grid, "mask").array.astype(bool)
+    inside = (finest.mask / mask.clamp_min(1e-6))[0, 0][torch.from_numpy(on_level) & (mask[0, 0] > 0)]
+    assert float(inside.mean()) > 3.0                     # the CTV counts about four times as much
+    assert float((ratio == 1.0).float().mean()) > 0.1     # and much of the body as before
+    assert protondir.weight_by_prior(levels, prior, grid, 0.0, torch.device("cpu")) is levels
+    assert protondir.weight_by_prior(levels, None, grid, 3.0, torch.device("cpu")) is levels
+
+
+def test_prior_weight_changes_the_refinement_is_recorded_and_checked(phantom):
+    """A prior weight changes the refined field (it is not ignored) and QA records it; with no anatomy or risk
+    map it is said to be unused; a negative or non-numeric weight is refused before any work."""
+    def run(weight: float, inputs=("anatomy", "risk")):
+        return protondir.register(_case(phantom), RegisterOptions(
+            device="cpu", iterations=15, extra={"prior_weight": weight, "clinical_inputs": list(inputs)}))
+
+    plain, weighted, no_prior = run(0.0), run(3.0), run(3.0, ())
+    assert weighted.qa["refinement_prior_weight"] == 3.0 and plain.qa["refinement_prior_weight"] == 0.0
+    change = np.abs(weighted.transform.displacement.array - plain.transform.displacement.array).max()
+    assert change > 0.05                                   # mm
+    assert no_prior.qa["refinement_prior_weight"] == 0.0
+    assert "prior weight is not used: there is no anatomy or risk map" in " ".join(no_prior.messages)
+    for bad in (-1.0, "a lot", float("nan")):
+        with pytest.raises(InputError, match="prior_weight"):
+            protondir.register(_case(phantom), RegisterOptions(device="cpu", extra={"prior_weight": bad}))
 
 
 def test_cli_protondir_writes_a_readable_rtstruct_on_the_repeat_ct(tmp_path, phantom):

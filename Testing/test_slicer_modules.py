@@ -84,6 +84,8 @@ def test_each_module_logic_registers_a_small_phantom(module):
     options = {"device": "cpu", "working_spacing": 6}
     if module == "TTORegister":
         options["iterations"] = 30          # of the test-time optimisation (100 by default)
+    if module == "ProtonDIR":
+        options["prior_weight"] = 2.0       # the panel's target emphasis reaches the engine
     out = getattr(mod, f"{module}Logic")(scene).process(mrml.RegistrationInputs(fixed, moving, seg), options)
     repeat = mrml.volume_from_node(moving, with_parent_transform=False)
     got = {s.name: s.mask for s in mrml.structures_from_segmentation(out.segmentation, repeat)}
@@ -99,6 +101,8 @@ def test_each_module_logic_registers_a_small_phantom(module):
                    for line in out.summary), out.summary
     if module == "ProtonDIR":   # the engine's notes reach the panel: no dose was given
         assert any("risk map not used: no dose" in m for m in out.messages), out.messages
+        assert any(line.startswith("ProtonDIR: clinical inputs used by the network: anatomy")
+                   and line.endswith("refinement prior weight 2") for line in out.summary), out.summary
 
 
 def test_quizrigid_logic_gives_a_linear_transform_and_markups_that_land_where_they_should():

@@ -313,6 +313,8 @@ METHODS: List[Method] = [
              _rtreg("protondir", clinical_inputs=inputs, refine=False, network_guard=False), ours=True,
              in_default=False)
       for name, inputs in _ABLATION.items()],
+    *[Method(f"protondir-pw{w}", f"ProtonDIR prior weight {w}", "rtreg", _rtreg("protondir", prior_weight=w),
+             ours=True, in_default=False) for w in (1, 3, 10)],   # --prior-weight W: the refinement's emphasis
     Method("tto", "rtreg TTORegister (student + test-time optimisation)", "rtreg", _rtreg("tto"), ours=True),
     Method("tto-teacher", "TTORegister teacher + test-time optimisation", "rtreg", _rtreg("tto", network="teacher"),
            ours=True, in_default=False),

@@ -67,7 +67,7 @@ def _info(_args) -> int:
 
 def _options(args) -> RegisterOptions:
     extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
-             "refine": not args.no_refine, "network": args.network, "adapt": not args.no_adapt,
+             "refine": not args.no_refine, "prior_weight": args.prior_weight, "network": args.network, "adapt": not args.no_adapt,
              "precision": args.precision,
              "mode": args.quiz_mode, "global_features": args.global_features,
              "sam2_checkpoint": args.sam2_checkpoint, "sam2_config": args.sam2_config, "reduction": args.reduction,
@@ -198,6 +198,10 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-refine", action="store_true",
                    help="protondir: the network's field only, without the instance-optimisation refinement; "
                    "quiz: the matching's transform, without the intensity refinement")
+    r.add_argument("--prior-weight", type=float, default=0.0,
+                   help="protondir: in the refinement, the local NCC counts up to 1 + W times as much where the "
+                   "clinical prior is high (target, its boundary, OARs, steep dose); 0 (default): alike everywhere "
+                   "in the body")
     r.add_argument("--quiz-mode", default="rigid", choices=["rigid", "translation"],
                    help="quiz: a robust rigid fit of the matched points, or their mean translation (the paper's)")
     r.add_argument("--network", default="student", choices=["student", "teacher"],

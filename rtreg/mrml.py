@@ -609,7 +609,7 @@ def _option_args(options: Dict[str, object]) -> List[str]:
                       ("seed", "--seed"), ("similarity", "--similarity"), ("network", "--network"),
                       ("global_features", "--global-features"), ("sam2_checkpoint", "--sam2-checkpoint"),
                       ("sam2_config", "--sam2-config"), ("reduction", "--reduction"),
-                      ("glide_stages", "--glide-stages")):
+                      ("glide_stages", "--glide-stages"), ("prior_weight", "--prior-weight")):
         if options.get(key) is not None:
             args += [flag, str(options[key])]
     if options.get("same_frame"):
@@ -628,7 +628,8 @@ def _option_args(options: Dict[str, object]) -> List[str]:
 
 
 def method_summary(metrics: Dict) -> List[str]:
-    """Lines for the panel's log: what the method's own QA says (the patch-wise MI means, when computed)."""
+    """Lines for the panel's log: what the method's own QA says (the patch-wise MI means, when computed; the
+    clinical inputs ProtonDIR used)."""
     qa = metrics.get("method_qa") or {}
     lines = []
     if "patch_mi_mean_after" in qa:
@@ -644,6 +645,11 @@ def method_summary(metrics: Dict) -> List[str]:
                      f"({qa['reduction']}); feature SSD after pre-alignment / convex / Adam: "
                      + "; ".join(f"{k} {qa['ssd_after_prealignment'][k]:.4f} / {qa['ssd_after_convex'][k]:.4f} / "
                                  f"{v:.4f}" for k, v in qa["ssd_after"].items()))
+    if "clinical_inputs_used" in qa:
+        lines.append("ProtonDIR: clinical inputs used by the network: "
+                     + (", ".join(qa["clinical_inputs_used"]) or "none")
+                     + ("; refinement prior weight " + f"{qa['refinement_prior_weight']:g}"
+                        if qa.get("refinement_prior_weight") else ""))
     if "iterations" in qa and "stopped_by" in qa:
         lines.append(f"optimisation: {qa['iterations']} iterations, stopped by {qa['stopped_by']}")
     return lines

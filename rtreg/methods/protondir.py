@@ -22,6 +22,7 @@ is said in ``RegistrationResult.messages``. The field (LPS mm) is returned on th
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress, option_number
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
 from ..field import SpatialTransform, coverage, resample_field
@@ -149,6 +150,22 @@ def predict_field(net: ProtonDIRNet, fixed: np.ndarray, moving: np.ndarray, prio
         return voxels_to_mm(u_vox, grid)
 
 
+# ---------------------------------------------------------------- refinement
+def weight_by_prior(levels: List[io.Level], prior: Optional[np.ndarray], grid: Grid, weight: float,
+                    device: torch.device) -> List[io.Level]:
+    """The refinement's levels with their similarity masks multiplied by ``1 + weight x prior`` (``prior``
+    (z, y, x) in [0, 1] on the network's working ``grid``, resampled linearly onto each level, 0 outside it):
+    where the clinical prior is high (the CTV and its boundary, OARs, steep dose) the local NCC counts up to
+    ``1 + weight`` times as much as elsewhere in the body. The similarity is a weighted mean, so the weights
+    shift the fit towards those regions against the same diffusion penalty. ``levels`` unchanged when
+    ``weight`` is 0 or there is no prior."""
+    if prior is None or weight <= 0:
+        return levels
+    volume = Volume(prior, grid.affine.copy())
+    return [dataclasses.replace(lv, mask=lv.mask * (1.0 + weight * to_tensor(
+        resample(volume, lv.grid, "linear", None, 0.0).array, device))) for lv in levels]
+
+
 # ---------------------------------------------------------------- register
 def register(case: RegistrationCase, options: RegisterOptions, progress: Progress = no_progress
              ) -> RegistrationResult:
@@ -162,6 +179,9 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     if unknown:
         raise InputError(f"unknown clinical inputs {unknown}; use a subset of {list(CLINICAL_INPUTS)}")
     refine = bool(options.extra.get("refine", True))
+    prior_weight = option_number("protondir option prior_weight (--prior-weight)",
+                                 options.extra.get("prior_weight", 0.0), lambda w: w >= 0,
+                                 "a number >= 0 (0, the default, counts the similarity alike everywhere in the body)")
     messages: List[str] = []
     if options.similarity not in ("auto", "ncc"):
         messages.append(f"ProtonDIR compares CT with CT by local NCC; similarity {options.similarity!r} is not used")
@@ -187,6 +207,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     progress(0.2, "clinical priors and plan text")
     clinical = clinical_inputs(case, grid, use, int(config["text_dim"]), options.extra.get("text_encoder"))
     messages += clinical.messages
+    if refine and prior_weight > 0 and clinical.prior is None:
+        messages.append("the refinement's prior weight is not used: there is no anatomy or risk map")
     t_prior = time.perf_counter()
     progress(0.3, f"network on a {'x'.join(map(str, grid.size_xyz))} grid at {spacing:g} mm")
     f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)    # once, for network and refinement
@@ -201,7 +223,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     u_net = u_net * to_tensor(edge_taper(grid.shape, TAPER_MM / spacing), device)
     qa: Dict[str, object] = {"clinical_inputs_used": clinical.used, "prompts": clinical.prompts,
                              "network_grid": list(grid.size_xyz), "network_spacing_mm": spacing,
-                             "refined": refine}
+                             "refined": refine,
+                             "refinement_prior_weight": prior_weight if refine and clinical.prior is not None else 0.0}
     f_t, m_t = to_tensor(f_img, device), to_tensor(m_img, device)
     with torch.no_grad():
         before = ncc_local(f_t, m_t, 5, body).item()
@@ -221,6 +244,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         iterations = list(options.extra.get("iterations_per_level", io.ITERATIONS_PER_LEVEL
                                             if options.iterations is None else [options.iterations] * 2))
         levels = io.pyramid(f_norm, m_norm, fixed_mask, affine, options.working_spacing_mm, iterations, device)
+        levels = weight_by_prior(levels, clinical.prior, grid, prior_weight, device)
         start = to_tensor(resample_field(net_field, levels[0].grid).array, device)
         weight = options.regularization_weight if options.regularization_weight is not None else \
             io.DEFAULT_WEIGHTS[("ncc", options.regularization)]
