@@ -187,14 +187,16 @@ def test_io_on_dcpt_phantom_reduces_tre_by_70_percent(tmp_path):
 def test_a_failed_run_leaves_the_output_folder_as_it_was(case_dir, tmp_path, monkeypatch):
     """Outputs appear only when all are written: an error after the transform and the warped image were written
     leaves an existing output folder with only what it held, and removes a folder the run created; a
-    successful run into the same folder replaces the earlier outputs."""
+    successful run into the same folder replaces the earlier outputs and removes those of ours it does not
+    write (a mapped dose, a report), keeping the user's own files."""
     from rtreg import pipeline
     args = ["register", "--fixed", str(case_dir / "planning_ct.nii.gz"), "--moving", str(case_dir / "repeat_ct.nii.gz"),
             "--fixed-structures", str(case_dir / "structures"), "--working-spacing", "8", "--iterations", "5",
             "--progress", "none"]
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    (earlier / "metrics.json").write_text("{}")
+    for name in ("metrics.json", "dose_on_moving.nii.gz", "report.html", "notes.txt"):   # an earlier run's
+        (earlier / name).write_text("earlier")
 
     def broken(*_args, **_kw):
         raise RuntimeError("simulated failure while writing the outputs")
@@ -202,13 +204,17 @@ def test_a_failed_run_leaves_the_output_folder_as_it_was(case_dir, tmp_path, mon
     for out in (earlier, tmp_path / "new"):
         with pytest.raises(RuntimeError, match="simulated failure"):
             main(args + ["--out", str(out)])
-    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.json"]
-    assert (earlier / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in earlier.iterdir()) == ["dose_on_moving.nii.gz", "metrics.json", "notes.txt",
+                                                         "report.html"]
+    assert (earlier / "metrics.json").read_text() == "earlier"
     assert not (tmp_path / "new").exists()
     monkeypatch.undo()
-    assert main(args + ["--out", str(earlier)]) == 0
+    assert main(args + ["--out", str(earlier)]) == 0      # no dose and no --report this time
     names = sorted(p.name for p in earlier.iterdir())
     assert {"transform.h5", "warped_moving.nii.gz", "structures_on_moving", "qa", "metrics.json"} <= set(names)
+    assert not {"dose_on_moving.nii.gz", "report.html"} & set(names)      # not this run's: removed
+    assert (earlier / "notes.txt").read_text() == "earlier"                 # not ours: kept
+    assert set(names) - {"notes.txt"} <= set(pipeline.OUTPUTS)             # the list knows every output
     assert not [n for n in names if n.startswith(".rtreg-partial")]
     assert json.loads((earlier / "metrics.json").read_text())["method"] == "io"
 

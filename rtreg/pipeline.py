@@ -188,6 +188,12 @@ class SimilarityReport:
                 "mse": mse(self.fixed, m, self.mask)}
 
 
+# everything a registration writes into its output folder, and what ``rtreg eval`` and ``--report`` add to it
+OUTPUTS = ("transform.h5", "displacement.mha", "warped_moving.nii.gz", "structures_on_moving",
+           "rtstruct_on_moving.dcm", "dose_on_moving.nii.gz", "jacobian.nii.gz", "metrics.json", "qa",
+           "matched_points.csv", "report.html", "eval.json")
+
+
 def run_registration(case: RegistrationCase, method: str, options: RegisterOptions, out: Path,
                      progress: Progress = no_progress, command: str = "",
                      register: Optional[Register] = None) -> Dict:
@@ -196,7 +202,9 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
     ``register``: the function that registers (default: ``method``'s), e.g. one that holds a network across
     the frames of a series. The outputs are written into a hidden folder inside ``out`` and moved into ``out``
     only when every one is written: a run that fails (bad input found by the method, an error while writing)
-    leaves ``out`` as it was, and removes it if this run created it."""
+    leaves ``out`` as it was, and removes it if this run created it. A run that succeeds first removes every
+    earlier output of ours (:data:`OUTPUTS`: e.g. a mapped dose or a report this run does not write); other
+    files in ``out`` are kept."""
     out = Path(out)
     created = not out.exists()
     check_writable(out)
@@ -208,6 +216,12 @@ def run_registration(case: RegistrationCase, method: str, options: RegisterOptio
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
+    for name in OUTPUTS:      # an earlier run's outputs that this run does not write would pass for its own
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
     for item in staging.iterdir():     # same file system: each move is a rename
         target = out / item.name
         if target.is_dir() and not target.is_symlink():
