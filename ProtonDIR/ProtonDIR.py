@@ -37,6 +37,7 @@ class ProtonDIRWidget(RegistrationWidget):
         RegistrationWidget.setup(self)
         self.ui.planTextEdit.setPlainText(plan_text_from_scene())
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.fillRoles)
+        self.ui.refineCheckBox.connect("toggled(bool)", self.ui.priorWeightSpinBox.setEnabled)  # refinement only
         self.fillRoles()
 
     def fillRoles(self, *_):
