@@ -67,7 +67,8 @@ def _info(_args) -> int:
 
 def _options(args) -> RegisterOptions:
     extra = {"clinical_inputs": [c.strip() for c in args.clinical_inputs.split(",") if c.strip()],
-             "refine": not args.no_refine, "prior_weight": args.prior_weight, "network": args.network, "adapt": not args.no_adapt,
+             "refine": not args.no_refine, "prior_weight": args.prior_weight,
+             "network": args.network, "adapt": not args.no_adapt,
              "precision": args.precision,
              "mode": args.quiz_mode, "global_features": args.global_features,
              "sam2_checkpoint": args.sam2_checkpoint, "sam2_config": args.sam2_config, "reduction": args.reduction,

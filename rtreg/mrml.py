@@ -648,7 +648,7 @@ def method_summary(metrics: Dict) -> List[str]:
     if "clinical_inputs_used" in qa:
         lines.append("ProtonDIR: clinical inputs used by the network: "
                      + (", ".join(qa["clinical_inputs_used"]) or "none")
-                     + ("; refinement prior weight " + f"{qa['refinement_prior_weight']:g}"
+                     + (f"; refinement prior weight {qa['refinement_prior_weight']:g}"
                         if qa.get("refinement_prior_weight") else ""))
     if "iterations" in qa and "stopped_by" in qa:
         lines.append(f"optimisation: {qa['iterations']} iterations, stopped by {qa['stopped_by']}")
