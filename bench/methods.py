@@ -309,6 +309,9 @@ def _convexadam(fixed: Path, moving: Path, work: Path, multimodal: bool) -> Volu
 METHODS: List[Method] = [
     Method("io", "rtreg io (baseline)", "rtreg", _rtreg("io"), ours=True),
     Method("protondir", "rtreg ProtonDIR (network + refinement)", "rtreg", _rtreg("protondir"), ours=True),
+    *[Method(f"{m}-coarse40", f"{label}, 40 instead of 80 iterations on the coarse level", "rtreg",
+             _rtreg(m, iterations_per_level=[40, 60]), ours=True, in_default=False)
+      for m, label in (("io", "rtreg io"), ("protondir", "rtreg ProtonDIR"))],
     *[Method(name, f"ProtonDIR {name[10:].upper()} (network only)", "rtreg",
              _rtreg("protondir", clinical_inputs=inputs, refine=False, network_guard=False), ours=True,
              in_default=False)
