@@ -134,9 +134,9 @@ def test_prior_weight_multiplies_the_refinements_masks_by_one_plus_weight_times_
     case = _case(phantom)
     grid = working_grid(case.fixed.grid, 4.0)
     prior = protondir.clinical_inputs(case, grid, ("anatomy", "risk"), 384).prior
-    f_norm, m_norm = io.normalised_images(case, *io.registration_masks(case))
-    levels = io.pyramid(f_norm, m_norm, io.registration_masks(case)[0], np.eye(4), 4.0, [2, 2],
-                        torch.device("cpu"))
+    fixed_mask, moving_mask = io.registration_masks(case)
+    f_norm, m_norm = io.normalised_images(case, fixed_mask, moving_mask)
+    levels = io.pyramid(f_norm, m_norm, fixed_mask, np.eye(4), 4.0, [2, 2], torch.device("cpu"))
     before = [lv.mask.clone() for lv in levels]
     weighted = protondir.weight_by_prior(levels, prior, grid, 3.0, torch.device("cpu"))
     for lv, kept in zip(levels, before):

@@ -82,7 +82,8 @@ def build(config: Dict) -> RegUNet:
 def on_device(net: RegUNet, device: torch.device) -> RegUNet:
     """``net`` moved to ``device``; on a CPU with its convolution weights in the channels-last 3D layout, in
     which oneDNN ran a test-time iteration 1.2-1.5 times faster on an earlier machine and 1.0-1.05 times on
-    the current one (``python3 bench/tto_network_speed.py``). The values are the default layout's up to float32 rounding; the
-    output displacement is then channels-last too (``.contiguous()`` where a caller needs the default)."""
+    the current one (``python3 bench/tto_network_speed.py``). The values are the default layout's up to
+    float32 rounding; the output displacement is then channels-last too (``.contiguous()`` where a caller
+    needs the default)."""
     net = net.to(device)
     return net.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else net
