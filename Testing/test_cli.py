@@ -136,7 +136,8 @@ def test_bad_input_exits_2_with_a_message(case_dir, tmp_path, capsys):
     assert "do not exist" in capsys.readouterr().err
     for flag, value, named in (("--regularization-weight", "-5", "regularization weight"),
                                ("--regularization-weight", "nan", "regularization weight"),
-                               ("--working-spacing", "0", "working spacing")):
+                               ("--working-spacing", "0", "working spacing"),
+                               ("--convergence-tolerance", "1", "--convergence-tolerance")):
         assert main(["register", "--fixed", fixed, "--moving", moving, "--out", str(tmp_path / "o4"),
                      flag, value]) == 2
         assert named in capsys.readouterr().err

@@ -171,6 +171,18 @@ def test_prior_weight_changes_the_refinement_is_recorded_and_checked(phantom):
             protondir.register(_case(phantom), RegisterOptions(device="cpu", extra={"prior_weight": bad}))
 
 
+def test_the_refinement_stops_each_level_at_convergence_with_the_tolerance_given(phantom):
+    """ProtonDIR's refinement is `io`'s optimisation: each level stops once converged (a loose tolerance here,
+    so well before the 100 iterations), QA says so; a tolerance outside [0, 1) is refused by its flag's name."""
+    r = protondir.register(_case(phantom), RegisterOptions(device="cpu", iterations=100,
+                                                           extra={"convergence_tolerance": 0.5}))
+    assert r.qa["convergence_tolerance"] == 0.5
+    for level in (1, 2):
+        assert r.qa[f"stopped_by_level{level}"] == "converged" and 21 <= r.qa[f"iterations_level{level}"] < 100
+    with pytest.raises(InputError, match="--convergence-tolerance"):
+        protondir.register(_case(phantom), RegisterOptions(device="cpu", extra={"convergence_tolerance": -0.1}))
+
+
 def test_cli_protondir_writes_a_readable_rtstruct_on_the_repeat_ct(tmp_path, phantom):
     case_dir = write_case(phantom, tmp_path / "case")
     from rtreg.image import write_volume

@@ -73,6 +73,8 @@ def _options(args) -> RegisterOptions:
              "mode": args.quiz_mode, "global_features": args.global_features,
              "sam2_checkpoint": args.sam2_checkpoint, "sam2_config": args.sam2_config, "reduction": args.reduction,
              "stages": args.glide_stages, "inverse_consistency": args.inverse_consistency}
+    if args.convergence_tolerance is not None:
+        extra["convergence_tolerance"] = args.convergence_tolerance
     return RegisterOptions(device=args.device, seed=args.seed, time_budget_s=args.time_budget,
                            iterations=args.iterations, prealign=args.prealign, similarity=args.similarity,
                            regularization=args.regularization, regularization_weight=args.regularization_weight,
@@ -183,7 +185,11 @@ def _add_method_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the optimisation (tto: default 60)")
     r.add_argument("--iterations", type=int, default=None,
-                   help="iterations per resolution level (tto: of the test-time optimisation, default 100)")
+                   help="iterations per resolution level (io, protondir: at most, see --convergence-tolerance; "
+                   "tto: of the test-time optimisation, default 100)")
+    r.add_argument("--convergence-tolerance", type=float, default=None,
+                   help="io, protondir: a resolution level stops once its last 10 iterations lowered the objective "
+                   "by less than this fraction of the level's decrease so far (default 0.01; 0: every iteration)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--prealign", default="rigid", choices=["none", "com", "moments", "rigid", "affine", "quiz"],
                    help="pre-alignment before a deformable method; quiz: QuizRigid's query-point matching, for "

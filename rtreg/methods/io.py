@@ -6,7 +6,9 @@ matches fixed(x). The field is parameterised on a control grid at half the
 working resolution, upsampled trilinearly and box-smoothed (a smoothed grid).
 Similarity: local NCC (same modality) or MIND-SSC SSD (multimodal), inside the
 fixed mask (given, or the body); regulariser: diffusion or bending energy.
-It stops at its iteration count or its time budget, whichever comes first.
+Each level stops when its objective has converged (the last :data:`CONVERGENCE_WINDOW` iterations lowered
+it by less than ``convergence_tolerance`` of what the level has lowered it by so far), at its iteration
+count, or at the time budget, whichever comes first.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress
+from ..case import Progress, RegisterOptions, RegistrationCase, RegistrationResult, no_progress, option_number
 from ..device import resolve_device, seed_everything
 from ..errors import InputError
 from ..field import SpatialTransform, coverage, moving_view, resample_field
@@ -30,7 +32,9 @@ from ..priors import body_mask
 from ..spatial import field_to_array, resize_field, smooth, to_tensor, warp_through
 
 NAME = "io"
-ITERATIONS_PER_LEVEL = [80, 60]     # at twice the working spacing, then at the working spacing
+ITERATIONS_PER_LEVEL = [80, 60]     # at twice the working spacing, then at the working spacing (at most)
+CONVERGENCE_TOLERANCE = 0.01        # a level stops when its last CONVERGENCE_WINDOW iterations lowered the
+CONVERGENCE_WINDOW = 10             # objective by less than this fraction of the level's decrease so far
 DEFAULT_WEIGHTS = {("ncc", "diffusion"): 5.0, ("ncc", "bending"): 20.0,
                    ("mind", "diffusion"): 0.5, ("mind", "bending"): 10.0}
 
@@ -121,6 +125,15 @@ def registration_masks(case: RegistrationCase) -> Tuple[np.ndarray, np.ndarray]:
     return tuple(m if m.any() else np.ones(m.shape, np.uint8) for m in (fixed_mask, moving_mask))
 
 
+def convergence_tolerance(options: RegisterOptions) -> float:
+    """``options.extra["convergence_tolerance"]`` (default :data:`CONVERGENCE_TOLERANCE`) checked: a number in
+    [0, 1); see :func:`converged`."""
+    return option_number("the convergence tolerance (--convergence-tolerance)",
+                         options.extra.get("convergence_tolerance", CONVERGENCE_TOLERANCE), lambda t: 0 <= t < 1,
+                         f"a number in [0, 1), e.g. {CONVERGENCE_TOLERANCE:g} (the default) or 0 to run every "
+                         "iteration of each level")
+
+
 def register(case: RegistrationCase, options: RegisterOptions, progress: Progress = no_progress
              ) -> RegistrationResult:
     """Register ``case.moving`` to ``case.fixed``; see the module docstring."""
@@ -139,6 +152,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         weight = DEFAULT_WEIGHTS[(similarity, options.regularization)]
     iterations = list(options.extra.get("iterations_per_level", ITERATIONS_PER_LEVEL if options.iterations is None
                                         else [options.iterations] * 2))
+    tolerance = convergence_tolerance(options)
     check_memory(case.fixed.grid, options.working_spacing_mm, device, channels=12 if similarity == "mind" else 1)
 
     fixed_mask, moving_mask = registration_masks(case)
@@ -151,7 +165,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     levels = pyramid(*normalised_images(case, fixed_mask, moving_mask), fixed_mask, affine,
                      options.working_spacing_mm, iterations, device)
     u, qa = optimise(levels, similarity, options.regularization, weight, options.time_budget_s,
-                     lambda f, m: progress(0.2 + 0.75 * f, m))
+                     lambda f, m: progress(0.2 + 0.75 * f, m), tolerance=tolerance)
     t_opt = time.perf_counter()
     finest = levels[-1].grid
     field = Volume(field_to_array(u), finest.affine.copy(), {"units": "mm"})
@@ -171,11 +185,25 @@ def _similarity(kind: str, fixed_feat: torch.Tensor, warped_feat: torch.Tensor, 
     return -(d * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def converged(losses: List[float], tolerance: float, window: int = CONVERGENCE_WINDOW) -> bool:
+    """Whether a level's objective (``losses``, one per iteration, lower is better) has converged: the last
+    ``window`` iterations lowered it by less than ``tolerance`` times the decrease since the level's first
+    iteration. Never before ``2 * window + 1`` iterations, never while the objective is above its start, and
+    never with ``tolerance`` 0 (every iteration runs). Relative, so the same tolerance serves NCC and MIND,
+    a start from the pre-alignment and one from a network's field."""
+    if tolerance <= 0 or len(losses) <= 2 * window:
+        return False
+    decrease = losses[0] - losses[-1]
+    return decrease > 0 and losses[-1 - window] - losses[-1] < tolerance * decrease
+
+
 def optimise(levels: List[Level], similarity: str, regularization: str, weight: float,
              time_budget_s: Optional[float], progress: Progress = no_progress,
-             u_init: Optional[torch.Tensor] = None):
+             u_init: Optional[torch.Tensor] = None, tolerance: float = CONVERGENCE_TOLERANCE):
     """Coarse-to-fine Adam on a smoothed control grid; returns the finest (1, 3, z, y, x) mm field and QA.
 
+    Each level runs at most its ``iterations`` and stops earlier once :func:`converged` with ``tolerance``
+    (0: all of them); QA records the iterations of each level and why it stopped.
     ``u_init``: a starting field (1, 3, z, y, x) mm on the grid of ``levels[0]`` (all levels span the same
     extent); Adam then optimises a smoothed residual added to it, so the start keeps its detail."""
     start = time.perf_counter()
@@ -197,9 +225,11 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
             f_feat, m_feat = mind_ssc(lv.fixed), mind_ssc(lv.moving)   # each on its own grid
         else:
             f_feat, m_feat = lv.fixed, lv.moving
+        losses: List[float] = []
+        stopped_by = "iterations"
         for _ in range(lv.iterations):
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-                qa["stopped_by"] = "time budget"
+                qa["stopped_by"] = stopped_by = "time budget"
                 break
             opt.zero_grad()
             u_l = base + smooth(resize_field(params, shape))
@@ -209,14 +239,22 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
             opt.step()
             done += 1
             qa["iterations"] += 1
+            losses.append(loss.item())
             progress(done / total, f"level {li + 1}/{len(levels)} ({spacing[0]:.1f} mm): {similarity} "
                                    f"{sim.item():.4f}")
+            if converged(losses, tolerance):
+                stopped_by = "converged"
+                break
+        done = sum(level.iterations for level in levels[:li + 1])    # the progress bar goes on from here
+        qa[f"iterations_level{li + 1}"] = len(losses)
+        qa[f"stopped_by_level{li + 1}"] = stopped_by
         with torch.no_grad():
             residual = smooth(resize_field(params.detach(), shape))
             u = base + residual
             qa[f"similarity_after_level{li + 1}"] = _similarity(similarity, f_feat, lv.warped(m_feat, u),
                                                                lv.mask).item()
     qa["similarity_after"] = qa[f"similarity_after_level{len(levels)}"]
+    qa["convergence_tolerance"] = tolerance
     with torch.no_grad():  # on the finest level, after pre-alignment only
         qa["similarity_before"] = _similarity(similarity, f_feat, levels[-1].warped(m_feat), levels[-1].mask).item()
     qa["optimisation_s"] = time.perf_counter() - start

@@ -182,6 +182,7 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     prior_weight = option_number("protondir option prior_weight (--prior-weight)",
                                  options.extra.get("prior_weight", 0.0), lambda w: w >= 0,
                                  "a number >= 0 (0, the default, counts the similarity alike everywhere in the body)")
+    tolerance = io.convergence_tolerance(options)
     messages: List[str] = []
     if options.similarity not in ("auto", "ncc"):
         messages.append(f"ProtonDIR compares CT with CT by local NCC; similarity {options.similarity!r} is not used")
@@ -249,7 +250,8 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
         weight = options.regularization_weight if options.regularization_weight is not None else \
             io.DEFAULT_WEIGHTS[("ncc", options.regularization)]
         u, refine_qa = io.optimise(levels, "ncc", options.regularization, weight, options.time_budget_s,
-                                   lambda f, m: progress(0.4 + 0.55 * f, "refinement " + m), u_init=start)
+                                   lambda f, m: progress(0.4 + 0.55 * f, "refinement " + m), u_init=start,
+                                   tolerance=tolerance)
         qa.update(refine_qa)
         final = Volume(field_to_array(u), levels[-1].grid.affine.copy(), {"units": "mm"})
     else:
