@@ -178,7 +178,7 @@ def test_the_refinement_stops_each_level_at_convergence_with_the_tolerance_given
                                                            extra={"convergence_tolerance": 0.5}))
     assert r.qa["convergence_tolerance"] == 0.5
     for level in (1, 2):
-        assert r.qa[f"stopped_by_level{level}"] == "converged" and 21 <= r.qa[f"iterations_level{level}"] < 100
+        assert r.qa[f"stopped_by_level{level}"] == "convergence" and 21 <= r.qa[f"iterations_level{level}"] < 100
     with pytest.raises(InputError, match="--convergence-tolerance"):
         protondir.register(_case(phantom), RegisterOptions(device="cpu", extra={"convergence_tolerance": -0.1}))
 

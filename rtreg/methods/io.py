@@ -229,7 +229,7 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
         stopped_by = "iterations"
         for _ in range(lv.iterations):
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-                qa["stopped_by"] = stopped_by = "time budget"
+                stopped_by = "time budget"
                 break
             opt.zero_grad()
             u_l = base + smooth(resize_field(params, shape))
@@ -243,11 +243,11 @@ def optimise(levels: List[Level], similarity: str, regularization: str, weight: 
             progress(done / total, f"level {li + 1}/{len(levels)} ({spacing[0]:.1f} mm): {similarity} "
                                    f"{sim.item():.4f}")
             if converged(losses, tolerance):
-                stopped_by = "converged"
+                stopped_by = "convergence"
                 break
         done = sum(level.iterations for level in levels[:li + 1])    # the progress bar goes on from here
         qa[f"iterations_level{li + 1}"] = len(losses)
-        qa[f"stopped_by_level{li + 1}"] = stopped_by
+        qa[f"stopped_by_level{li + 1}"] = qa["stopped_by"] = stopped_by   # overall: as the finest level
         with torch.no_grad():
             residual = smooth(resize_field(params.detach(), shape))
             u = base + residual
