@@ -7,9 +7,10 @@
    text. The prior fuses the anatomy map (CTV proximity and boundary band, OARs) and the risk
    map (dose gradient, isodose bands, dose-weighted OARs), both computed on the working grid;
    the text is the mean embedding of the three prompts (anatomy, diagnosis, plan).
-3. Optional instance-optimisation refinement (on by default): the ``io`` optimiser with its
-   iterations, started from the network's field (body-masked local NCC + diffusion, coarse to
-   fine to the working spacing), within the time budget.
+3. Optional instance-optimisation refinement (on by default): the ``io`` optimiser, started from the
+   network's field (body-masked local NCC + diffusion, coarse to fine to the working spacing), each level
+   stopping once converged (``options.extra["convergence_tolerance"]``, :func:`rtreg.methods.io.converged`)
+   or at its iterations, within the time budget.
 
 The network's grid covers the planning body (bounding box + 20 mm) and its field tapers to zero in the
 outer 12 mm of that grid (air). A network field that lowers the body-masked local NCC below that of the
