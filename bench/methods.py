@@ -316,9 +316,8 @@ METHODS: List[Method] = [
     *[Method(f"{m}-every-iteration", f"{label}, every iteration of each level (--convergence-tolerance 0)", "rtreg",
              _rtreg(m, convergence_tolerance=0.0), ours=True, in_default=False)
       for m, label in (("io", "rtreg io"), ("protondir", "rtreg ProtonDIR"))],
-    *[Method(f"{m}-long", f"{label}, at most 160 and 120 iterations (twice the default), stopping at convergence",
-             "rtreg", _rtreg(m, iterations_per_level=[160, 120]), ours=True, in_default=False)
-      for m, label in (("io", "rtreg io"), ("protondir", "rtreg ProtonDIR"))],
+    Method("io-long", "rtreg io, at most 160 and 120 iterations (twice the default), stopping at convergence",
+           "rtreg", _rtreg("io", iterations_per_level=[160, 120]), ours=True, in_default=False),
     *[Method(name, f"ProtonDIR {name[10:].upper()} (network only)", "rtreg",
              _rtreg("protondir", clinical_inputs=inputs, refine=False, network_guard=False), ours=True,
              in_default=False)
