@@ -8,6 +8,7 @@ so regularisers are per mm and do not depend on the working resolution.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -45,11 +46,20 @@ def ncc_local(a: torch.Tensor, b: torch.Tensor, window: int = 7, mask: Optional[
     return _weighted_mean(cc, mask)
 
 
+PARZEN_SUPPORT_BINS = 6.0     # the Parzen kernel is zero beyond this many bins (its widths) from a sample
+
+
 def _parzen_weights(x: torch.Tensor, bins: int) -> torch.Tensor:
-    """(...) intensities in [0, 1] -> (..., bins) Gaussian Parzen weights (width one bin) summing to 1."""
+    """(...) intensities in [0, 1] -> (..., bins) Gaussian Parzen weights (width one bin) summing to 1.
+
+    The Gaussian is truncated at :data:`PARZEN_SUPPORT_BINS` widths and lowered by its value there
+    (exp(-18), 1.5e-8), so it reaches zero continuously. The untruncated tails fell to subnormal floats
+    (below 1.2e-38 from 13 bins away), which x86 CPUs process about a hundred times slower: the exponentials
+    and the histogram products of a 60,000-sample MI took 2.7 times as long (``bench/mi_speed.py``)."""
     centres = torch.linspace(0, 1, bins, device=x.device)
-    sigma = 1.0 / (bins - 1)
-    w = torch.exp(-0.5 * ((x.clamp(0, 1)[..., None] - centres) / sigma) ** 2)
+    z2 = ((x.clamp(0, 1)[..., None] - centres) * (bins - 1)) ** 2
+    floor = math.exp(-0.5 * PARZEN_SUPPORT_BINS ** 2)
+    w = (torch.exp(-0.5 * z2.clamp_max(PARZEN_SUPPORT_BINS ** 2)) - floor).clamp_min(0)
     return w / w.sum(-1, keepdim=True).clamp_min(1e-10)
 
 
