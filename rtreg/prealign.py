@@ -347,7 +347,8 @@ def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.n
 
     rigid and affine start from identity or the centre-of-mass translation, whichever
     :func:`best_start` scores higher; quiz is QuizRigid's query-point matching and its refinement
-    (:func:`rtreg.methods.quiz.align`), for poses and fields of view too different for that start.
+    (:func:`rtreg.methods.quiz.align`), for poses and fields of view too different for that start; its
+    refinement uses its own similarity (:data:`rtreg.methods.quiz.REFINE_SIMILARITY`), not ``similarity``.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown pre-alignment {kind!r}; use one of {KINDS}")
@@ -356,8 +357,8 @@ def prealign(fixed: Volume, moving: Volume, kind: str, fixed_mask: Optional[np.n
     if kind == "quiz":
         if fixed_mask is None or moving_mask is None:
             raise ValueError("QuizRigid pre-alignment needs the fixed and moving body masks")
-        from .methods.quiz import align    # the method builds on this module's optimise_linear
-        return align(fixed, moving, fixed_mask, moving_mask, similarity, device=device, seed=seed,
+        from .methods.quiz import REFINE_SIMILARITY, align    # the method builds on this module's optimise_linear
+        return align(fixed, moving, fixed_mask, moving_mask, REFINE_SIMILARITY, device=device, seed=seed,
                      progress=progress)[0].affine
     com = translation(center_of_mass(moving, moving_mask) - center_of_mass(fixed, fixed_mask))
     if kind == "com":
