@@ -70,6 +70,21 @@ def test_register_writes_every_output_and_streams_jsonl(case_dir, tmp_path):
         assert text in page, text
 
 
+def test_the_engine_imports_matplotlib_only_to_draw_and_never_sets_its_backend():
+    """Loading a case and a method (what every run and the benchmark's timing include) does not import
+    matplotlib (about 0.2 s); drawing a QA figure does, without choosing pyplot's backend for the process
+    (inside Slicer's Python that would change every later plot)."""
+    code = ("import sys; import rtreg.pipeline, rtreg.methods, rtreg.cli, rtreg.qa; "
+            "print('matplotlib' in sys.modules); "
+            "import numpy as np, tempfile, pathlib; from rtreg.image import Grid, Volume; "
+            "v = Volume(np.random.rand(8, 8, 8).astype('float32'), Grid((8, 8, 8), np.eye(4)).affine); "
+            "p = rtreg.qa.overlay_figure(v, v, pathlib.Path(tempfile.mkdtemp()) / 'o.png', 't', (4, 4, 4)); "
+            "print('matplotlib' in sys.modules, 'matplotlib.pyplot' in sys.modules, p.stat().st_size > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "False", "True"]
+
+
 def test_report_needs_a_registration_output(tmp_path):
     from rtreg.errors import InputError
     from rtreg.report import write_html_report
