@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rtreg.image import Grid, Volume
-from rtreg.losses import (bending_energy, diffusion, divergence_penalty, folding_penalty, jacobian_determinants, mind_ssc, mutual_information, ncc_global,
-                          ncc_local)
+from rtreg.losses import (bending_energy, diffusion, divergence_penalty, folding_penalty, jacobian_determinants,
+                          mind_ssc, mutual_information, ncc_global, ncc_local)
 from rtreg.metrics import (dice, hd95, jacobian_stats, mean_surface_distance, mse, ncc, relative_volume_difference,
                            ssim, tre)
 
