@@ -72,7 +72,7 @@ def test_register_writes_every_output_and_streams_jsonl(case_dir, tmp_path):
 
 def test_the_engine_imports_matplotlib_only_to_draw_and_never_sets_its_backend():
     """Loading a case and a method (what every run and the benchmark's timing include) does not import
-    matplotlib (about 0.2 s); drawing a QA figure does, without choosing pyplot's backend for the process
+    matplotlib (about 0.3 s); drawing a QA figure does, without choosing pyplot's backend for the process
     (inside Slicer's Python that would change every later plot)."""
     code = ("import sys; import rtreg.pipeline, rtreg.methods, rtreg.cli, rtreg.qa; "
             "print('matplotlib' in sys.modules); "

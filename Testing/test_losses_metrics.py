@@ -36,7 +36,7 @@ def test_mutual_information_prefers_alignment_and_is_contrast_invariant():
 
 def test_the_parzen_kernel_is_a_gaussian_cut_to_zero_at_six_bins_without_subnormal_weights():
     """The weights are a Gaussian of one bin's width lowered by its value at six widths and zero beyond (no
-    subnormal float, which x86 CPUs process about a hundred times slower), each sample's summing to 1; the MI
+    subnormal float, which x86 CPUs process far more slowly), each sample's summing to 1; the MI
     and its gradient are those of the untruncated Gaussian to float rounding."""
     from rtreg.losses import PARZEN_SUPPORT_BINS, _parzen_weights, multi_axis_mi
     bins = 32

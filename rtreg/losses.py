@@ -54,8 +54,8 @@ def _parzen_weights(x: torch.Tensor, bins: int) -> torch.Tensor:
 
     The Gaussian is truncated at :data:`PARZEN_SUPPORT_BINS` widths and lowered by its value there
     (exp(-18), 1.5e-8), so it reaches zero continuously. The untruncated tails fell to subnormal floats
-    (below 1.2e-38 from 13 bins away), which x86 CPUs process about a hundred times slower: the exponentials
-    and the histogram products of a 60,000-sample MI took 2.7 times as long (``bench/mi_speed.py``)."""
+    (below 1.2e-38 from 13 bins away), which x86 CPUs process far more slowly: a 60,000-sample MI and its
+    gradient took three times as long (``python3 bench/mi_speed.py``)."""
     centres = torch.linspace(0, 1, bins, device=x.device)
     z2 = ((x.clamp(0, 1)[..., None] - centres) * (bins - 1)) ** 2
     floor = math.exp(-0.5 * PARZEN_SUPPORT_BINS ** 2)

@@ -96,7 +96,7 @@ def contours_figure(image: Volume, masks: Dict[str, np.ndarray], colors: Dict[st
 def _figure():
     """(figure, its two axes side by side), 10 x 5 inches. A bare matplotlib Figure, not pyplot's: no global
     backend is set and no GUI is touched (inside Slicer's Python too), and matplotlib is imported only when a
-    figure is drawn (0.2 s that a registration without QA figures does not pay)."""
+    figure is drawn (about 0.3 s that a registration without QA figures does not pay)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 5))
     return fig, fig.subplots(1, 2)

@@ -322,9 +322,8 @@ def estimate(fixed: Volume, moving: Volume, fixed_mask: np.ndarray, moving_mask:
         raise InputError(f"QuizRigid found no reliable correspondence ({confident} confident matches of "
                          f"{len(pts)}; mean confidence {confidence.mean():.2f}): the images may show different "
                          "anatomy or not overlap. Check the inputs, place query points on anatomy both images "
-                         "show, try the intensity-based rigid pre-alignment (pre-alignment 'rigid', "
-                         "--prealign rigid; it recovered a CBCT-like case QuizRigid refuses in the benchmark), "
-                         "or pre-align by hand")
+                         "show, try the intensity-based rigid pre-alignment instead (--prealign rigid with a "
+                         "deformable method, 'rigid' in a panel's pre-alignment choice), or pre-align by hand")
     return Estimate(affine, matches, qa)
 
 
