@@ -246,6 +246,8 @@ def test_images_without_common_anatomy_are_refused_not_aligned():
     with pytest.raises(InputError, match="no reliable correspondence") as refused:
         quiz.register(RegistrationCase(case.planning, noise), RegisterOptions(device="cpu"))
     assert "query points" in str(refused.value) and "--prealign rigid" in str(refused.value)   # what to try
+    with pytest.raises(InputError, match="QuizRigid takes similarity"):       # an unknown similarity option
+        quiz.register(RegistrationCase(case.planning, noise), RegisterOptions(device="cpu", similarity="mse"))
 
 
 def test_quiz_as_prealignment_recovers_a_large_offset_end_to_end(tmp_path):

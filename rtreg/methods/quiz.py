@@ -65,6 +65,7 @@ MIN_CONFIDENT_FRACTION = 0.1   # and this fraction of the query points
 RANSAC_TRIALS = 256
 REFINE_LEVELS_MM = (8.0, 4.0, 2.0)   # the intensity refinement's levels
 REFINE_SIMILARITY = "mi"             # ... and its similarity, unless --similarity ncc (step 6)
+SIMILARITIES = ("auto", "ncc", "mi", "mind")   # the options it takes: ncc -> NCC, the others -> MI
 MODES = ("rigid", "translation")
 
 
@@ -386,6 +387,9 @@ def register(case: RegistrationCase, options: RegisterOptions, progress: Progres
     device = resolve_device(options.device)
     seed_everything(options.seed)
     fixed_mask, moving_mask = registration_masks(case)
+    if options.similarity not in SIMILARITIES:
+        raise InputError(f"QuizRigid takes similarity {', '.join(SIMILARITIES)} (ncc refines by NCC, the others by "
+                         f"mutual information), not {options.similarity!r}")
     similarity = "ncc" if options.similarity == "ncc" else REFINE_SIMILARITY
     est, messages = align(case.fixed, case.moving, fixed_mask, moving_mask, similarity, case.query_points,
                           str(options.extra.get("mode", "rigid")), int(options.extra.get("passes", PASSES)),
