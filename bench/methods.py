@@ -329,6 +329,8 @@ METHODS: List[Method] = [
            ours=True, in_default=False),
     Method("tto-float32", "TTORegister student + test-time optimisation, passes in float32 (--precision float32)",
            "rtreg", _rtreg("tto", precision="float32"), ours=True, in_default=False),
+    Method("tto-mi16", "TTORegister student + test-time optimisation, multi-axis MI of 16 bins (as in training)",
+           "rtreg", _rtreg("tto", mi_bins=16), ours=True, in_default=False),
     Method("tto-student-net", "TTORegister student, network only", "rtreg", _rtreg("tto", adapt=False),
            ours=True, in_default=False),
     Method("tto-teacher-net", "TTORegister teacher, network only", "rtreg",

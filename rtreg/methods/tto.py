@@ -8,7 +8,10 @@
    (:data:`MAX_VOXELS`: about 100 iterations in 60 s on 2 CPU cores).
 3. The shipped student (:data:`rtreg.nets.tto.STUDENT`, distilled from the teacher; see
    :mod:`rtreg.train.tto`) predicts a displacement; then its weights are optimised on this pair with Adam:
-   multi-axis mutual information + local NCC (only when the modalities match, or when asked) + diffusion
+   multi-axis mutual information (:data:`MI_BINS` = 32 intensity bins; training used 16, but at test time
+   16 bins let the optimisation drift away from the truth on the T1-like MRs: thorax 1.55 against 1.16 mm,
+   abdomen 2.44 against 1.99 mm after 100 iterations, ``python3 bench/tto_iterations.py``) + local NCC (only
+   when the modalities match, or when asked) + diffusion
    smoothness + a divergence penalty (near-incompressibility) + a folding penalty (ours, not the paper's:
    :func:`rtreg.losses.folding_penalty`, zero unless a cell of the working grid shrinks below a tenth of its
    volume; without it the field folded 0.5 % of the body on an inter-subject abdomen), the similarity inside
@@ -33,7 +36,7 @@ registration and after, with their means before, after the pre-alignment and aft
 (the decay of the running average of the weights that is returned; 0: the last iterate; see :func:`adapt`),
 ``folding_weight`` (default :data:`FOLDING_WEIGHT`; 0 leaves the folding penalty out), ``precision`` (of the
 network's passes during the optimisation: :func:`rtreg.device.network_precision`; the returned field is the
-averaged weights' float32 prediction).
+averaged weights' float32 prediction), ``mi_bins`` (of the test-time multi-axis MI, default :data:`MI_BINS`).
 :func:`register_with` registers with a network the caller holds, so a 4D series (:mod:`rtreg.series`) carries
 the adapted weights from frame to frame.
 """
@@ -75,6 +78,7 @@ LEARNING_RATE = 1e-3             # Adam on the network weights; 3e-3 diverges on
 SMOOTH_WEIGHT = 1.0            # diffusion of the field in voxels of the working grid
 DIVERGENCE_WEIGHT = 0.1
 FOLDING_WEIGHT = 1.0e3          # ours (not the paper's): step 3 of the module docstring
+MI_BINS = 32                    # intensity bins of the test-time multi-axis MI (training uses 16): step 3
 WEIGHT_AVERAGING = 0.9         # the returned weights: their running average over about the last 10 iterations
 TAPER_MM = 12.0
 QA_SPACING_MM = 3.0            # the patch-wise MI maps' grid (or the working grid's spacing, if finer)
@@ -120,7 +124,8 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
           learning_rate: float = LEARNING_RATE, weight_averaging: float = WEIGHT_AVERAGING,
           folding_weight: float = FOLDING_WEIGHT, warp_moving: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
           inside: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-          precision: torch.dtype = torch.float32, progress: Progress = no_progress) -> Dict[str, object]:
+          precision: torch.dtype = torch.float32, mi_bins: int = MI_BINS,
+          progress: Progress = no_progress) -> Dict[str, object]:
     """Optimise ``net``'s weights in place on one pair (fixed, moving: (1, 1, z, y, x) in [0, 1] on the working
     grid; mask (1, 1, z, y, x)); stops at ``iterations`` or ``seconds``. Returns what happened (QA).
     ``warp_moving``: the moving image the similarity compares for a field (1, 3, z, y, x) in working voxels
@@ -131,6 +136,7 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
     moving image), so that no voxel compares the fixed image with the moving image's edge value repeated
     past a cropped field of view; default: ``mask`` alone. ``precision``: the dtype of the network's passes
     (:func:`rtreg.device.network_precision`; its weights, the losses and the field they see stay float32).
+    ``mi_bins``: the intensity bins of the multi-axis MI (Parzen windows one bin wide over [0, 1]).
 
     ``net`` ends with the exponential moving average of its weights over the iterations (each step moves the
     average by 1 - ``weight_averaging`` towards the new weights; 0 keeps the last iterate). Adam at this
@@ -157,7 +163,7 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
         if inside is not None:
             with torch.no_grad():
                 counted = mask * inside(u)
-        mi = multi_axis_mi(fixed, warped, counted)
+        mi = multi_axis_mi(fixed, warped, counted, mi_bins)
         loss = -mi + smooth_weight * diffusion(u, [1.0, 1.0, 1.0]) + DIVERGENCE_WEIGHT * divergence_penalty(
             u, [1.0, 1.0, 1.0])
         if use_ncc:
@@ -180,6 +186,7 @@ def adapt(net: RegUNet, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.T
     qa["weight_averaging"] = weight_averaging
     qa["folding_weight"] = folding_weight
     qa["precision"] = str(precision).replace("torch.", "")
+    qa["mi_bins"] = mi_bins
     net.eval()
     return qa
 
@@ -276,6 +283,8 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
     averaging = check_weight_averaging(options.extra.get("weight_averaging", WEIGHT_AVERAGING))
     folding = folding_weight_option("TTORegister", options, FOLDING_WEIGHT)
     precision = network_precision(device, options.extra.get("precision"))
+    mi_bins = int(option_number("TTORegister option mi_bins", options.extra.get("mi_bins", MI_BINS),
+                                lambda b: b >= 2 and b == int(b), f"a whole number >= 2, e.g. {MI_BINS} (the default)"))
     if options.similarity not in SIMILARITIES:
         raise InputError(f"TTORegister uses similarity {', '.join(SIMILARITIES)}, not {options.similarity!r}")
     messages: List[str] = []
@@ -292,7 +301,7 @@ def register_with(net: RegUNet, case: RegistrationCase, options: RegisterOptions
             SMOOTH_WEIGHT
         qa.update(adapt(net, pair.fixed, pair.moving, pair.mask, pair.use_ncc, iterations, seconds, smooth_weight,
                         float(options.extra.get("learning_rate", LEARNING_RATE)), averaging, folding,
-                        pair.warped, pair.inside, precision,
+                        pair.warped, pair.inside, precision, mi_bins,
                         lambda f, m: progress(0.2 + 0.7 * f, m)))
     t_adapt = time.perf_counter()
     transform = network_transform(net, pair, case.fixed.grid)
