@@ -10,7 +10,8 @@
    :mod:`rtreg.train.tto`) predicts a displacement; then its weights are optimised on this pair with Adam:
    multi-axis mutual information (:data:`MI_BINS` = 32 intensity bins; training used 16, but at test time
    16 bins let the optimisation drift away from the truth on the T1-like MRs: thorax 1.55 against 1.16 mm,
-   abdomen 2.44 against 1.99 mm after 100 iterations, ``python3 bench/tto_iterations.py``) + local NCC (only
+   abdomen 2.44 against 2.06 mm, bench/README "Multi-axis MI of 32 bins"; ``python3 -m bench.tto_iterations``
+   traces it over the iterations) + local NCC (only
    when the modalities match, or when asked) + diffusion
    smoothness + a divergence penalty (near-incompressibility) + a folding penalty (ours, not the paper's:
    :func:`rtreg.losses.folding_penalty`, zero unless a cell of the working grid shrinks below a tenth of its
